@@ -1,0 +1,1 @@
+"""Model adapter families, one file each; every module registers itself on import."""

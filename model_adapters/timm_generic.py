@@ -1,0 +1,83 @@
+"""Any timm architecture (family ``timm``): ``timm:<model name>``.
+
+Random initialisation by default (offline-safe, seeded), local weights with
+``--weights FILE`` (safetensors or a torch state dict; classifier heads are dropped), or
+``--weights hub`` for timm's own pretrained download. Preprocessing comes from the
+model's timm pretrained config (input size, interpolation, crop_pct, mean/std), so it
+matches the weights. Features: timm's pooled pre-logits (``num_classes=0``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from retbench.adapters import Adapter, WeightsTag, register_adapter
+from retbench.errors import RetbenchError
+from retbench.preprocess import Preprocess
+from retbench.weights import load_state_dict
+
+
+def timm_preprocess(name: str) -> Preprocess:
+    """The preprocessing timm's pretrained config declares for ``name``."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return Preprocess()
+    size = cfg.input_size[-1]
+    return Preprocess(
+        size=size, resize="resize_crop", interpolation=cfg.interpolation if cfg.interpolation in (
+            "bicubic", "bilinear", "nearest") else "bicubic",
+        crop_pct=cfg.crop_pct or 1.0, mean=tuple(cfg.mean), std=tuple(cfg.std),
+    )
+
+
+@register_adapter
+class TimmAdapter(Adapter):
+    """Generic timm image encoder."""
+
+    family = "timm"
+    open_ended = True
+    tags: ClassVar[dict[str, WeightsTag]] = {
+        "<any timm model>": WeightsTag("<any timm model>", "timm (random init | --weights FILE | --weights hub)",
+                                       licence="per model", feature="pooled pre-logits"),
+    }
+
+    @classmethod
+    def resolve_tag(cls, name: str) -> WeightsTag:
+        """Build a tag for any model name timm knows."""
+        import timm
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+            raise RetbenchError(f"timm has no model '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
+        return WeightsTag(name, "timm", timm_preprocess(name), licence="per model", feature="pooled pre-logits")
+
+    def build(self) -> None:
+        """Create the model; load local or hub weights when asked."""
+        import timm
+
+        torch.manual_seed(0)
+        hub = self.weights == "hub"
+        self.model = timm.create_model(self.tag.name, pretrained=hub, num_classes=0)
+        if self.weights and not hub:
+            state = load_state_dict(self.weights)
+            own = self.model.state_dict()
+            state = {k: v for k, v in state.items() if k in own}
+            missing = [k for k in own if k not in state]
+            if missing:
+                raise RetbenchError(f"{self.weights}: {len(missing)} parameters of {self.tag.name} missing, e.g. {missing[0]}")
+            self.model.load_state_dict(state)
+        self.model.eval().to(self.device)
+
+    def weights_identity(self) -> str:
+        """sha256 of local weights; otherwise random-init seed or hub tag."""
+        if self.weights == "hub":
+            return f"timm-hub:{self.tag.name}"
+        return super().weights_identity() if self.weights else f"random-init(seed=0):{self.tag.name}"
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features."""
+        return self.model(pixels)

@@ -1,0 +1,44 @@
+"""The one typed configuration object that flows from the CLI (or Python) into a run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROTOCOLS = ("linear_probe", "few_shot", "zero_shot")
+
+
+def default_cache_dir() -> str:
+    """``$RETBENCH_CACHE``, else ``~/.cache/retbench``."""
+    return os.environ.get("RETBENCH_CACHE") or str(Path.home() / ".cache" / "retbench")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a ``retbench run`` needs; recorded (minus paths' machine specifics) in each result."""
+
+    models: tuple[str, ...]
+    tasks: tuple[str, ...]
+    protocols: tuple[str, ...] = ()
+    data_root: str | None = None
+    results_dir: str = "results"
+    cache_dir: str = ""
+    device: str = "auto"
+    weights: str | None = None
+    batch_size: int = 64
+    num_workers: int | None = None
+    overwrite: bool = False
+    skip_bad_images: bool = False
+    use_cache: bool = True
+    shots: tuple[int, ...] | None = None
+    seeds: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cache_dir:
+            object.__setattr__(self, "cache_dir", default_cache_dir())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return asdict(self)

@@ -1,0 +1,116 @@
+"""Examples of a task: image ids, integer labels, patient ids and given splits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from retbench.errors import DataError, RetbenchError
+from retbench.spec import TaskSpec
+
+
+class FileImages:
+    """Opens images stored as files under ``root`` (ids are relative paths)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, image_id: str) -> Path:
+        return self.root / image_id
+
+    def open(self, image_id: str) -> Image.Image:
+        with Image.open(self.path(image_id)) as im:
+            im.load()
+            return im
+
+    def missing(self, ids: list[str]) -> list[str]:
+        return [i for i in ids if not self.path(i).is_file()]
+
+    def fingerprint(self, ids: list[str]) -> list[str]:
+        return [f"{i}:{self.path(i).stat().st_size}" for i in ids]
+
+
+class ArrayImages:
+    """Serves images held in memory as uint8 arrays (ids are ``split/index``)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> None:
+        self.arrays = arrays
+
+    def open(self, image_id: str) -> Image.Image:
+        split, _, idx = image_id.partition("/")
+        arr = self.arrays[split][int(idx)]
+        return Image.fromarray(arr if arr.ndim == 3 else np.stack([arr] * 3, axis=-1))
+
+    def missing(self, ids: list[str]) -> list[str]:
+        return []
+
+    def fingerprint(self, ids: list[str]) -> list[str]:
+        digest = hashlib.sha256()
+        for split in sorted(self.arrays):
+            for arr in self.arrays[split]:
+                digest.update(np.ascontiguousarray(arr).tobytes())
+        return [digest.hexdigest()] + ids
+
+
+@dataclass
+class Examples:
+    """All labelled examples of a task, in a fixed order."""
+
+    ids: list[str]
+    labels: np.ndarray
+    patients: list[str]
+    given_split: list[str] | None
+    images: FileImages | ArrayImages
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_list_hash(self, indices: np.ndarray | None = None) -> str:
+        """sha256 over the exact images (ids and sizes) — part of the feature cache key."""
+        ids = self.ids if indices is None else [self.ids[i] for i in indices]
+        blob = "\n".join(self.images.fingerprint(ids)).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The data root: ``explicit`` (``--data-root``), else ``$RETBENCH_DATA``."""
+    value = explicit or os.environ.get("RETBENCH_DATA")
+    if not value:
+        raise RetbenchError("no data root: pass --data-root DIR or set RETBENCH_DATA")
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise RetbenchError(f"data root does not exist or is not a folder: {root}")
+    return root
+
+
+def load_examples(spec: TaskSpec, root: Path) -> Examples:
+    """Read ``spec``'s source under ``root`` and check that every image is there."""
+    from retbench.data.sources import SOURCES
+
+    examples = SOURCES.get(spec.source.kind)(spec, root)
+    if len(examples) == 0:
+        raise DataError(f"task '{spec.name}': the source under {root} yields no labelled examples")
+    missing = examples.images.missing(examples.ids)
+    if missing:
+        raise DataError(missing_message(spec, root, missing, len(examples)))
+    return examples
+
+
+def missing_message(spec: TaskSpec, root: Path, missing: list[str], total: int) -> str:
+    """One message saying which files are missing and the layout expected."""
+    src = spec.source
+    msg = (
+        f"task '{spec.name}': {len(missing)} of {total} images missing under {root} "
+        f"(first: {missing[0]})"
+    )
+    if src.layout:
+        msg += f"; expected layout: {src.layout}"
+    if src.download:
+        msg += f"; download: {src.download}"
+    return msg

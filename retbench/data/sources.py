@@ -1,0 +1,221 @@
+"""Source readers, one per ``source.kind``: csv, folder, npz, hf_disk."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from retbench.data.examples import ArrayImages, Examples, FileImages, missing_message
+from retbench.errors import DataError
+from retbench.registry import Registry
+from retbench.spec import TaskSpec
+
+SourceReader = Callable[[TaskSpec, Path], Examples]
+SOURCES: Registry[SourceReader] = Registry("source kind")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+def _raw_key(value: Any) -> str | None:
+    """Normalise a raw label value to the string compared with ``match`` (None if missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+class LabelMapper:
+    """Maps raw label values to class indices per the spec (match lists, bins, list cells)."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.lookup = {m: i for i, c in enumerate(spec.classes) for m in c.match}
+
+    def __call__(self, value: Any, where: str) -> int | None:
+        src = self.spec.source
+        if src.bins:
+            key = _raw_key(value)
+            if key is None:
+                return None
+            try:
+                return int(np.digitize(float(key), src.bins))
+            except ValueError:
+                raise DataError(f"{where}: label '{value}' is not a number (the task bins a score)") from None
+        if src.label_format == "list":
+            return self._from_list(value, where)
+        key = _raw_key(value)
+        if key is None:
+            return None
+        if key not in self.lookup:
+            raise DataError(f"{where}: label '{key}' is not in the class list {sorted(self.lookup)}")
+        return self.lookup[key]
+
+    def _from_list(self, value: Any, where: str) -> int | None:
+        try:
+            items = ast.literal_eval(value) if isinstance(value, str) else value
+        except (ValueError, SyntaxError):
+            raise DataError(f"{where}: label cell {value!r} is not a list") from None
+        hits = {self.lookup[str(i)] for i in items if str(i) in self.lookup}
+        if len(hits) != 1:
+            raise DataError(
+                f"{where}: label list {items} must name exactly one class of {sorted(self.lookup)}, names {len(hits)}"
+            )
+        return hits.pop()
+
+
+def patient_of(spec: TaskSpec, image_id: str, column_value: Any = None) -> str:
+    """Patient id from the patient column, else the spec's filename patterns, else the image id."""
+    if column_value is not None and _raw_key(column_value) is not None:
+        return f"p:{_raw_key(column_value)}"
+    name = Path(image_id).name
+    for pattern, prefix in spec.source.patient_patterns:
+        m = re.match(pattern, name)
+        if m:
+            return prefix + (m.group(1) if m.groups() else m.group(0))
+    return f"img:{image_id}"
+
+
+def _finish(spec: TaskSpec, rows: list[tuple[str, int, str, str | None]], images: Any, dropped: dict) -> Examples:
+    ids = [r[0] for r in rows]
+    splits = [r[3] for r in rows]
+    return Examples(
+        ids=ids,
+        labels=np.array([r[1] for r in rows], dtype=np.int64),
+        patients=[r[2] for r in rows],
+        given_split=splits if all(s is not None for s in splits) and rows else None,
+        images=images,
+        dropped={k: v for k, v in dropped.items() if v},
+    )
+
+
+def _need(path: Path, spec: TaskSpec, root: Path) -> Path:
+    if not path.exists():
+        raise DataError(missing_message(spec, root, [str(path.relative_to(root))], 1).replace(" images ", " files "))
+    return path
+
+
+@SOURCES.register("csv")
+def read_csv(spec: TaskSpec, root: Path) -> Examples:
+    """CSV manifest(s): one row per image; ``files`` gives one CSV per given split."""
+    src = spec.source
+    files = src.files or {None: src.path}
+    mapper = LabelMapper(spec)
+    rows, dropped = [], defaultdict(list)
+    image_root = None
+    for split, rel in files.items():
+        csv_path = _need(root / rel, spec, root)
+        image_root = root / src.image_root if src.image_root is not None else csv_path.parent
+        try:
+            frame = pd.read_csv(csv_path, dtype=object, keep_default_na=True)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"{csv_path}: unreadable CSV: {exc}") from None
+        for col in [src.image_column, src.label_column, src.patient_column, src.split_column]:
+            if col is not None and col not in frame.columns:
+                raise DataError(f"{csv_path}: no column '{col}' (columns: {', '.join(map(str, frame.columns))})")
+        for i, rec in enumerate(frame.to_dict("records")):
+            where = f"{csv_path}: row {i + 2}"
+            image_id = str(rec[src.image_column])
+            label = mapper(rec[src.label_column], where)
+            if label is None:
+                if not src.drop_missing_labels:
+                    raise DataError(f"{where}: missing label in column '{src.label_column}'")
+                dropped["missing_label"].append(image_id)
+                continue
+            patient = patient_of(spec, image_id, rec.get(src.patient_column) if src.patient_column else None)
+            row_split = split if split is not None else (rec[src.split_column] if src.split_column else None)
+            rows.append((image_id, label, patient, row_split))
+    return _finish(spec, rows, FileImages(image_root), dropped)
+
+
+@SOURCES.register("folder")
+def read_folder(spec: TaskSpec, root: Path) -> Examples:
+    """Folder per class (optionally inside per-split folders): ``<path>[/<split>]/<class>/<image>``."""
+    src = spec.source
+    base = _need(root / src.path, spec, root)
+    split_dirs = src.split_dirs or {None: ""}
+    mapper = LabelMapper(spec)
+    rows = []
+    for split, sub in split_dirs.items():
+        split_root = base / sub
+        if not split_root.is_dir():
+            raise DataError(missing_message(spec, root, [str(split_root.relative_to(root)) + "/"], 1))
+        for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir()):
+            label = mapper(class_dir.name, f"{class_dir}")
+            for img in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                image_id = str(img.relative_to(base))
+                rows.append((image_id, label, patient_of(spec, image_id), split))
+    dropped: dict[str, list[str]] = {}
+    if src.drop_conflicting_duplicates:
+        rows, dropped["conflicting_duplicate"] = _drop_conflicts(rows, base)
+    return _finish(spec, rows, FileImages(base), dropped)
+
+
+def _drop_conflicts(rows: list, base: Path) -> tuple[list, list[str]]:
+    """Drop every copy of an image whose identical bytes appear under different labels."""
+    labels_by_hash: dict[str, set[int]] = defaultdict(set)
+    hashes = []
+    for image_id, label, *_ in rows:
+        digest = hashlib.sha1((base / image_id).read_bytes()).hexdigest()
+        hashes.append(digest)
+        labels_by_hash[digest].add(label)
+    keep = [r for r, h in zip(rows, hashes) if len(labels_by_hash[h]) == 1]
+    gone = [r[0] for r, h in zip(rows, hashes) if len(labels_by_hash[h]) > 1]
+    return keep, gone
+
+
+@SOURCES.register("npz")
+def read_npz(spec: TaskSpec, root: Path) -> Examples:
+    """``.npz`` with ``<split>_images`` and ``<split>_labels`` arrays (MedMNIST layout)."""
+    path = _need(root / spec.source.path, spec, root)
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable .npz: {exc}") from None
+    mapper = LabelMapper(spec)
+    splits = [k[: -len("_images")] for k in arrays if k.endswith("_images")]
+    if not splits:
+        raise DataError(f"{path}: no '<split>_images' arrays (found: {', '.join(arrays)})")
+    rows, images = [], {}
+    for split in sorted(splits, key=["train", "val", "test"].index if set(splits) <= {"train", "val", "test"} else str):
+        if f"{split}_labels" not in arrays:
+            raise DataError(f"{path}: '{split}_images' has no matching '{split}_labels'")
+        images[split] = arrays[f"{split}_images"]
+        for i, lab in enumerate(np.asarray(arrays[f"{split}_labels"]).reshape(len(images[split]), -1)[:, 0]):
+            image_id = f"{split}/{i}"
+            rows.append((image_id, mapper(lab.item(), f"{path}: {split}_labels[{i}]"), f"img:{image_id}", split))
+    return _finish(spec, rows, ArrayImages(images), {})
+
+
+@SOURCES.register("hf_disk")
+def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
+    """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (DatasetDict = given splits)."""
+    import datasets
+
+    src = spec.source
+    path = _need(root / src.path, spec, root)
+    ds = datasets.load_from_disk(str(path))
+    parts = dict(ds.items()) if isinstance(ds, datasets.DatasetDict) else {None: ds}
+    mapper = LabelMapper(spec)
+    rows, arrays = [], {}
+    for split, part in parts.items():
+        feature = part.features.get(src.label_column)
+        if feature is None:
+            raise DataError(f"{path}: no column '{src.label_column}' (columns: {', '.join(part.column_names)})")
+        names = getattr(feature, "names", None)
+        key = split or "all"
+        arrays[key] = [np.asarray(im.convert("RGB")) for im in part[src.image_column]]
+        for i, raw in enumerate(part[src.label_column]):
+            value = names[raw] if names else raw
+            label = mapper(value, f"{path}: {key}[{i}]")
+            rows.append((f"{key}/{i}", label, f"img:{key}/{i}", split))
+    return _finish(spec, rows, ArrayImages(arrays), {})

@@ -1,0 +1,80 @@
+"""Train/val/test splits: given by the source, or stratified (by patient) with a fixed seed."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from retbench.data.examples import Examples
+from retbench.errors import DataError
+from retbench.spec import TaskSpec
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test", "eval": "test"}
+
+
+def make_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
+    """Index arrays per split (``train``, optional ``val``, ``test``), never empty."""
+    if spec.splits.strategy == "given":
+        splits = _given(spec, examples)
+    else:
+        idx = np.arange(len(examples))
+        train, test = holdout(idx, examples.labels, _groups(spec, examples), spec.splits.test_fraction, spec.splits.seed)
+        splits = {"train": train, "test": test}
+        if spec.splits.val_fraction > 0:
+            frac = spec.splits.val_fraction / (1 - spec.splits.test_fraction)
+            tr, va = holdout(train, examples.labels[train], _groups(spec, examples, train), frac, spec.splits.seed)
+            splits.update(train=tr, val=va)
+    for name, ids in splits.items():
+        if len(ids) == 0:
+            raise DataError(f"task '{spec.name}': split '{name}' is empty")
+    return splits
+
+
+def _groups(spec: TaskSpec, examples: Examples, subset: np.ndarray | None = None) -> np.ndarray | None:
+    if not spec.splits.by_patient:
+        return None
+    patients = np.asarray(examples.patients, dtype=object)
+    return patients if subset is None else patients[subset]
+
+
+def _given(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
+    if examples.given_split is None:
+        raise DataError(f"task '{spec.name}': splits.strategy is 'given' but the source gives no split per example")
+    names = np.array([SPLIT_ALIASES.get(str(s).lower(), str(s).lower()) for s in examples.given_split])
+    unknown = sorted(set(names) - {"train", "val", "test"})
+    if unknown:
+        raise DataError(f"task '{spec.name}': unknown split names {unknown}; allowed: train, val, test")
+    out = {s: np.flatnonzero(names == s) for s in ("train", "val", "test") if (names == s).any()}
+    for required in ("train", "test"):
+        if required not in out:
+            raise DataError(f"task '{spec.name}': split '{required}' is empty")
+    return out
+
+
+def holdout(
+    idx: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (rest, held-out ≈ ``fraction``), stratified by label and grouped by patient."""
+    n_splits = max(2, round(1 / fraction))
+    counts = np.bincount(labels)
+    n_splits = min(n_splits, max(2, int(counts[counts > 0].min())))
+    if groups is not None and len(set(groups)) < len(groups):
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        rest, held = next(folds.split(idx, labels, groups))
+    else:
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        rest, held = next(folds.split(idx, labels))
+    return idx[rest], idx[held]
+
+
+def per_class_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """FLAIR's split: within each class, shuffle with ``seed`` and hold out ``fraction``."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for k in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == k))
+        n_test = int(round(len(members) * fraction))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

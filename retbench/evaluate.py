@@ -1,0 +1,247 @@
+"""Orchestration: models × tasks × protocols → result files (skipping finished work)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from retbench.adapters import Adapter, load_model
+from retbench.config import DEFAULT_PROTOCOLS, RunConfig
+from retbench.data import Examples, data_root, load_examples, make_splits
+from retbench.environment import environment, resolve_device
+from retbench.features import FeatureCache, Features, extract
+from retbench.preprocess import Preprocess
+from retbench.progress import console
+from retbench.protocols import PROTOCOLS
+from retbench.protocols.base import Context, summarize
+from retbench.spec import TaskSpec
+from retbench.store import result_path, write_result
+from retbench.tasks import get_task
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Result:
+    """One stored evaluation (what ``retbench.evaluate`` returns)."""
+
+    data: dict[str, Any]
+    path: Path | None = None
+    status: str = "done"  # done | existing | skipped
+    reason: str = ""
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Aggregated metrics: name → {mean, std, ci95, values}."""
+        return self.data.get("metrics", {})
+
+    @property
+    def primary(self) -> float:
+        """Mean of the task's primary metric."""
+        return self.metrics[self.data["primary_metric"]]["mean"]
+
+    def __repr__(self) -> str:
+        if self.status == "skipped":
+            return f"Result(skipped: {self.reason})"
+        d = self.data
+        return (f"Result({d['model']['name']} on {d['task']['name']} / {d['protocol']['name']}: "
+                f"{d['primary_metric']}={self.primary:.4f}, path={self.path})")
+
+
+@dataclass
+class TaskData:
+    """A task's spec, examples and splits, loaded once and shared by all protocols and models."""
+
+    spec: TaskSpec
+    examples: Examples
+    splits: dict[str, np.ndarray]
+
+
+@dataclass
+class FeatureSource:
+    """Lazily extracted (or cached) features of one model on one task."""
+
+    adapter: Adapter
+    task: TaskData
+    preprocess: Preprocess
+    config: RunConfig
+    _cache: dict[bool, Features] = field(default_factory=dict)
+
+    def get(self, joint: bool = False) -> Features:
+        """Features of every example, from the cache when possible."""
+        if joint not in self._cache:
+            self._cache[joint] = self._load(joint)
+        return self._cache[joint]
+
+    def _load(self, joint: bool) -> Features:
+        spec, ex = self.task.spec, self.task.examples
+        cache = FeatureCache(Path(self.config.cache_dir) / "features")
+        key = cache.key(self.adapter, self.preprocess, spec.name, spec.version, ex.image_list_hash(), joint)
+        if self.config.use_cache and (hit := cache.load(key)) is not None:
+            if hit.bad_ids and not self.config.skip_bad_images:
+                hit = None  # cached with skipped images; this run must fail on them instead
+            else:
+                return hit
+        feats = extract(self.adapter, ex, self.preprocess, joint, self.config.batch_size,
+                        self.config.num_workers, self.config.skip_bad_images)
+        feats.key = key
+        if self.config.use_cache:
+            cache.save(key, feats, {"model": self.adapter.name, "task": spec.name, "joint": joint})
+        return feats
+
+    def text(self, texts: list[str]) -> np.ndarray:
+        """Text embeddings as numpy."""
+        import torch
+
+        with torch.inference_mode():
+            return self.adapter.encode_text(texts).float().cpu().numpy()
+
+
+def load_task_data(name: str, root: str | None) -> TaskData:
+    """Spec, examples and splits of a task under the data root."""
+    spec = get_task(name)
+    examples = load_examples(spec, data_root(root))
+    return TaskData(spec, examples, make_splits(spec, examples))
+
+
+def select_protocols(spec: TaskSpec, requested: tuple[str, ...]) -> list[str]:
+    """Requested protocols the task allows (default: the three standard ones)."""
+    wanted = requested or DEFAULT_PROTOCOLS
+    for p in wanted:
+        PROTOCOLS.get(p)  # unknown names fail with suggestions
+    return [p for p in wanted if p in spec.protocols]
+
+
+def configured_protocol(name: str, config: RunConfig) -> Any:
+    """The registered protocol with CLI overrides (shots, number of seeds) applied."""
+    proto = PROTOCOLS.get(name)
+    changes: dict[str, Any] = {}
+    if config.shots and hasattr(proto, "shots"):
+        changes.update(shots=tuple(config.shots), strict=True)
+    if config.seeds and hasattr(proto, "seeds") and not getattr(proto, "flair_folds", False):
+        changes["seeds"] = tuple(range(config.seeds))
+    return dataclasses.replace(proto, **changes) if changes else proto
+
+
+def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run every (model, task, protocol) of ``config``; finished results are skipped unless ``overwrite``."""
+    device = resolve_device(config.device)
+    results_root = Path(config.results_dir)
+    out: list[Result] = []
+    tasks: dict[str, TaskData] = {}
+    for model in config.models:
+        adapter: Adapter | None = None
+        for task_name in config.tasks:
+            spec = get_task(task_name)
+            pending = []
+            for p in select_protocols(spec, config.protocols):
+                path = result_path(results_root, model, spec.name, p)
+                if path.exists() and not config.overwrite:
+                    out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
+                else:
+                    pending.append((p, path))
+            if not pending:
+                continue
+            if task_name not in tasks:
+                tasks[task_name] = load_task_data(task_name, config.data_root)
+            adapter = adapter or load_model(model, config.weights, str(device))
+            source = FeatureSource(adapter, tasks[task_name], adapter.preprocess.with_hints(spec.preprocess), config)
+            for p, path in pending:
+                out.append(_report(_run_one(source, p, path, config, device), on_result))
+    return out
+
+
+def _report(result: Result, on_result: Callable[[Result], None] | None) -> Result:
+    if on_result:
+        on_result(result)
+    return result
+
+
+def _run_one(source: FeatureSource, protocol_name: str, path: Path, config: RunConfig, device: Any) -> Result:
+    protocol = configured_protocol(protocol_name, config)
+    adapter, task = source.adapter, source.task
+    if protocol.needs_text and not adapter.has_text:
+        return Result({}, None, "skipped", f"{protocol_name}: model '{adapter.name}' has no text tower")
+    start = time.perf_counter()
+    features = source.get(joint=protocol.needs_text)
+    extract_s = time.perf_counter() - start
+    ctx = Context(
+        spec=task.spec, examples=task.examples, splits=task.splits,
+        features=lambda: source.get(False).values,
+        joint_features=(lambda: source.get(True).values) if adapter.has_text else None,
+        encode_text=source.text if adapter.has_text else None,
+        device=device, valid=lambda: features.valid,
+    )
+    fit_start = time.perf_counter()
+    output = protocol.run(ctx)
+    fit_s = time.perf_counter() - fit_start
+    metric_names = tuple(output.runs[0].metrics)
+    data = _result_dict(source, protocol, output, metric_names, features, config, device,
+                        {"extract_s": extract_s, "features_from_cache": features.from_cache,
+                         "extract_s_original": features.seconds, "fit_s": fit_s})
+    write_result(path, data)
+    return Result(data, path)
+
+
+def _result_dict(source: FeatureSource, protocol: Any, output: Any, metric_names: tuple[str, ...],
+                 features: Features, config: RunConfig, device: Any, timings: dict[str, Any]) -> dict[str, Any]:
+    spec, ex, splits = source.task.spec, source.task.examples, source.task.splits
+    return {
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": source.adapter.describe(),
+        "task": {"name": spec.name, "version": spec.version, "spec_hash": spec.spec_hash, "file": spec.file,
+                 "modality": spec.modality, "problem": spec.problem, "classes": spec.class_names},
+        "protocol": {"name": protocol.name, "description": protocol.description, "settings": output.settings},
+        "preprocess": source.preprocess.to_dict(),
+        "primary_metric": spec.primary_metric,
+        **_summaries(output.runs, metric_names, spec.primary_metric),
+        "data": _data_summary(spec, ex, splits, features),
+        "runs": [r.to_dict() for r in output.runs],
+        "environment": environment(device),
+        "timings": timings,
+        "config": {**config.to_dict(), "models": None, "tasks": None},
+        "feature_cache_key": features.key,
+    }
+
+
+def _summaries(runs: list, metric_names: tuple[str, ...], primary: str) -> dict[str, Any]:
+    """Headline metrics (few-shot: the largest k) and, for few-shot, a summary per k."""
+    ks = sorted({r.k for r in runs if r.k is not None})
+    if not ks:
+        return {"metrics": summarize(runs, metric_names, primary)}
+    by_k = {str(k): summarize([r for r in runs if r.k == k], metric_names, primary) for k in ks}
+    return {"metrics": by_k[str(ks[-1])], "metrics_by_k": by_k, "headline_k": ks[-1]}
+
+
+def _data_summary(spec: TaskSpec, ex: Examples, splits: dict[str, np.ndarray], features: Features) -> dict[str, Any]:
+    per_split = {s: {"n": int(len(idx)), "per_class": np.bincount(ex.labels[idx], minlength=len(spec.classes)).tolist()}
+                 for s, idx in splits.items()}
+    return {"n_examples": len(ex), "n_test": int(features.valid[splits["test"]].sum()), "splits": per_split,
+            "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
+            "n_patients": len(set(ex.patients)), "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
+            "bad_images": features.bad_ids}
+
+
+def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: Any) -> Result:
+    """Evaluate one model on one task with one protocol; options are :class:`RunConfig` fields.
+
+    >>> retbench.evaluate(model="classical", task="eye4class", protocol="linear_probe")  # doctest: +SKIP
+    """
+    config = RunConfig(models=(model,), tasks=(task,), protocols=(protocol,), **options)
+    results = run(config)
+    if not results:
+        spec = get_task(task)
+        raise ValueError(f"protocol '{protocol}' does not apply to task '{task}' (allowed: {', '.join(spec.protocols)})")
+    res = results[0]
+    if res.status == "existing":
+        import json
+
+        res = Result(json.loads(res.path.read_text()), res.path, "existing")
+    return res

@@ -1,0 +1,148 @@
+"""Feature extraction, bounded by the model, and a content-keyed feature cache.
+
+Images are decoded and resized in DataLoader workers into ``uint8`` tensors; the main
+process normalises each batch on the device, runs the encoder under ``inference_mode``
+and keeps outputs on the device until the end (no host sync per batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from retbench.adapters import Adapter
+from retbench.data.examples import Examples
+from retbench.errors import DataError
+from retbench.io import atomic_write_bytes, atomic_write_json
+from retbench.preprocess import Preprocess, normalize
+from retbench.progress import progress_bar
+
+
+class ImageDataset(Dataset):
+    """Yields ``(index, uint8 tensor | None, error | None)``; errors are reported, not raised, in workers."""
+
+    def __init__(self, examples: Examples, preprocess: Preprocess) -> None:
+        self.examples, self.preprocess = examples, preprocess
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.preprocess.load(self.examples.images.open(self.examples.ids[i])), None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, t) for i, t, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    pixels = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+@dataclass
+class Features:
+    """Features of all examples of a task (rows of ``bad`` images are NaN)."""
+
+    values: np.ndarray
+    bad_ids: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    from_cache: bool = False
+    key: str = ""
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Boolean mask of rows with features."""
+        return ~np.isnan(self.values).any(axis=1)
+
+
+def default_workers() -> int:
+    """DataLoader workers: leave the cores to the model on small machines."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@torch.inference_mode()
+def extract(
+    adapter: Adapter,
+    examples: Examples,
+    preprocess: Preprocess,
+    joint: bool = False,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    skip_bad_images: bool = False,
+) -> Features:
+    """Encode every example; ``joint`` selects image-text space embeddings (zero-shot)."""
+    device = adapter.device
+    loader = DataLoader(
+        ImageDataset(examples, preprocess), batch_size=batch_size, shuffle=False,
+        num_workers=default_workers() if num_workers is None else num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if (num_workers or default_workers()) else None,
+    )
+    encode = adapter.encode_image_joint if joint else adapter.encode_image
+    outputs, rows, bad = [], [], []
+    start = time.perf_counter()
+    with progress_bar(f"extract {adapter.name} {'joint' if joint else 'features'}", len(examples)) as advance:
+        for idx, pixels, errors in loader:
+            for i, err in errors:
+                if not skip_bad_images:
+                    raise DataError(f"unreadable image {_path_of(examples, i)}: {err} (use --skip-bad-images to skip)")
+                bad.append(examples.ids[i])
+            if pixels is not None:
+                x = normalize(pixels.to(device, non_blocking=True), preprocess)
+                outputs.append(encode(x).float())
+                rows += idx
+            advance(len(idx) + len(errors))
+    if not outputs:
+        raise DataError("no image could be read")
+    feats = torch.cat(outputs).cpu().numpy()
+    values = np.full((len(examples), feats.shape[1]), np.nan, dtype=np.float32)
+    values[np.asarray(rows)] = feats
+    return Features(values, bad, time.perf_counter() - start)
+
+
+def _path_of(examples: Examples, i: int) -> str:
+    images = examples.images
+    return str(images.path(examples.ids[i])) if hasattr(images, "path") else examples.ids[i]
+
+
+class FeatureCache:
+    """Features on disk keyed by model, weights, preprocessing, task version and image list."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def key(adapter: Adapter, preprocess: Preprocess, task: str, version: str, image_hash: str, joint: bool) -> str:
+        """Deterministic cache key (hex)."""
+        ident = {
+            "model": adapter.name, "weights": adapter.weights_identity(), "preprocess": preprocess.to_dict(),
+            "task": task, "task_version": version, "images": image_hash, "space": "joint" if joint else "features",
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    def load(self, key: str) -> Features | None:
+        """Cached features or ``None``."""
+        npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
+        if not (npy.is_file() and meta.is_file()):
+            return None
+        info: dict[str, Any] = json.loads(meta.read_text())
+        return Features(np.load(npy), info.get("bad_ids", []), info.get("seconds", 0.0), True, key)
+
+    def save(self, key: str, features: Features, info: dict[str, Any]) -> None:
+        """Write features then their metadata, each atomically (metadata last marks completion)."""
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, features.values)
+        atomic_write_bytes(self.root / f"{key}.npy", buf.getvalue())
+        atomic_write_json(self.root / f"{key}.json", {**info, "bad_ids": features.bad_ids, "seconds": features.seconds})

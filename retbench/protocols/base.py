@@ -1,0 +1,141 @@
+"""What every protocol receives and returns, and the shared probe machinery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy import stats
+
+from retbench.data.examples import Examples
+from retbench.metrics import METRICS, compute_metrics
+from retbench.solver import balanced_weights, fit_logistic
+from retbench.spec import TaskSpec
+
+
+@dataclass
+class Context:
+    """Inputs of one protocol run; feature getters are lazy so protocols extract only what they use."""
+
+    spec: TaskSpec
+    examples: Examples
+    splits: dict[str, np.ndarray]
+    features: Callable[[], np.ndarray]
+    joint_features: Callable[[], np.ndarray] | None
+    encode_text: Callable[[list[str]], np.ndarray] | None
+    device: torch.device
+    valid: Callable[[], np.ndarray]
+
+    def split(self, name: str) -> np.ndarray:
+        """Indices of a split, without rows whose image could not be read."""
+        idx = self.splits[name]
+        return idx[self.valid()[idx]]
+
+
+@dataclass
+class Run:
+    """One fitted-and-evaluated instance: a seed (and shot count), its test predictions and metrics."""
+
+    seed: int
+    indices: np.ndarray
+    y_true: np.ndarray
+    proba: np.ndarray
+    metrics: dict[str, Any]
+    k: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, with_predictions: bool = True) -> dict[str, Any]:
+        """JSON-ready; predictions let metrics be recomputed later."""
+        d = {"seed": self.seed, "k": self.k, "metrics": self.metrics, **self.extra}
+        if with_predictions:
+            d["predictions"] = {
+                "index": self.indices.tolist(),
+                "y_true": self.y_true.tolist(),
+                "proba": np.round(self.proba, 6).tolist(),
+            }
+        return d
+
+
+@dataclass
+class ProtocolOutput:
+    """All runs of a protocol plus the settings it actually used."""
+
+    runs: list[Run]
+    settings: dict[str, Any]
+
+
+def evaluate_runs(spec: TaskSpec, metrics: tuple[str, ...], runs_raw: list[tuple], y: np.ndarray) -> list[Run]:
+    """Build :class:`Run` objects computing ``metrics`` from (seed, k, indices, proba, extra) tuples."""
+    out = []
+    for seed, k, idx, proba, extra in runs_raw:
+        out.append(Run(seed, idx, y[idx], proba, compute_metrics(metrics, y[idx], proba), k, extra))
+    return out
+
+
+def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, bootstrap: int = 1000) -> dict[str, Any]:
+    """Mean, std and 95% CI per scalar metric (t over seeds; percentile bootstrap for one run)."""
+    summary: dict[str, Any] = {}
+    for name in metrics:
+        m = METRICS.get(name)
+        values = [r.metrics[name] for r in runs]
+        if m.per_class:
+            summary[name] = {"mean": np.nanmean(np.array(values, dtype=float), axis=0).tolist()}
+            continue
+        arr = np.array(values, dtype=float)
+        entry = {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0,
+                 "n": int(len(arr)), "values": arr.tolist()}
+        if len(arr) > 1:
+            half = stats.t.ppf(0.975, len(arr) - 1) * entry["std"] / np.sqrt(len(arr))
+            entry["ci95"] = [entry["mean"] - half, entry["mean"] + half]
+            entry["ci_method"] = "t over seeds"
+        elif name == primary and bootstrap:
+            entry["ci95"] = bootstrap_ci(m, runs[0].y_true, runs[0].proba, bootstrap)
+            entry["ci_method"] = f"percentile bootstrap over test images ({bootstrap}, seed 0)"
+        summary[name] = entry
+    return summary
+
+
+def bootstrap_ci(metric: Any, y: np.ndarray, proba: np.ndarray, n: int, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of ``metric`` over resampled test images."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[i])) > 1:
+            vals.append(metric(y[i], proba[i]))
+    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+@dataclass
+class Probe:
+    """One logistic-regression problem: fit rows, inverse regularisation, rows to predict."""
+
+    fit: np.ndarray
+    C: float
+    predict: np.ndarray
+
+
+def solve_probes(
+    x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Probe], device: torch.device,
+    balanced: bool, standardize: bool,
+) -> list[np.ndarray]:
+    """Fit all ``probes`` in one batched solve; return each one's probabilities on its predict rows."""
+    if not probes:
+        return []
+    xt = torch.as_tensor(x, device=device)
+    yt = torch.as_tensor(y, device=device)
+    mask = torch.zeros(len(probes), len(x), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    for b, p in enumerate(probes):
+        mask[b, torch.as_tensor(p.fit, device=device)] = 1.0
+    weights = balanced_weights(yt, mask, n_classes) if balanced else mask
+    C = torch.tensor([p.C for p in probes], device=device)
+    models = fit_logistic(xt, yt, weights, C, n_classes, standardize=standardize)
+    out = []
+    for b, p in enumerate(probes):
+        rows = torch.as_tensor(p.predict, device=device)
+        logits = xt[rows].to(models.weight.dtype) @ models.weight[b] + models.bias[b]
+        out.append(torch.softmax(logits, dim=-1).cpu().numpy())
+    return out

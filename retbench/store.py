@@ -1,0 +1,65 @@
+"""The result store: one JSON file per (model, task, protocol), written atomically.
+
+Layout: ``<results>/<task>/<protocol>/<model>.json`` (model names made path-safe). A
+result file is complete or absent; the leaderboard and ``retbench results`` are pure
+functions of these files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from retbench.errors import RetbenchError
+from retbench.io import atomic_write_json
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe rendering of a model name (``timm:resnet18`` → ``timm_resnet18``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def result_path(root: Path, model: str, task: str, protocol: str) -> Path:
+    """Deterministic location of one result."""
+    return root / safe_name(task) / safe_name(protocol) / f"{safe_name(model)}.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a result atomically (readers never see half a file)."""
+    atomic_write_json(path, result)
+
+
+def iter_results(root: Path) -> Iterator[dict[str, Any]]:
+    """Every complete result under ``root`` (temporary files are ignored)."""
+    if not root.is_dir():
+        raise RetbenchError(f"results directory does not exist: {root}")
+    for path in sorted(root.glob("*/*/*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RetbenchError(f"{path}: corrupt result file: {exc}") from None
+        data["_path"] = str(path)
+        yield data
+
+
+def results_table(root: Path) -> pd.DataFrame:
+    """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI."""
+    rows = []
+    for r in iter_results(root):
+        row = {
+            "model": r["model"]["name"], "task": r["task"]["name"], "task_version": r["task"]["version"],
+            "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],
+            "primary": r["metrics"][r["primary_metric"]]["mean"], "n_test": r["data"]["n_test"],
+            "seeds": len(r["runs"]), "created": r["created"], "path": r["_path"],
+        }
+        for name, m in r["metrics"].items():
+            if "std" in m:
+                row[name] = m["mean"]
+                if "ci95" in m:
+                    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = m["ci95"]
+        rows.append(row)
+    return pd.DataFrame(rows)
