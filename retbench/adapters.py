@@ -156,6 +156,12 @@ def split_model_name(name: str) -> tuple[str, str | None]:
     return family, tag or None
 
 
+def check_model_name(name: str) -> None:
+    """Raise (with suggestions) unless ``name`` names a registered family."""
+    family, _ = split_model_name(name)
+    ADAPTERS.get(family)
+
+
 def load_model(name: str, weights: str | None = None, device: str = "cpu") -> Adapter:
     """Build the adapter for ``name`` with optional local ``weights`` on ``device``."""
     family, tag_name = split_model_name(name)

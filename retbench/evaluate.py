@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from retbench.adapters import Adapter, load_model
+from retbench.adapters import Adapter, check_model_name, load_model
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
@@ -131,6 +131,8 @@ def configured_protocol(name: str, config: RunConfig) -> Any:
 
 def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Run every (model, task, protocol) of ``config``; finished results are skipped unless ``overwrite``."""
+    for model in config.models:
+        check_model_name(model)
     device = resolve_device(config.device)
     results_root = Path(config.results_dir)
     out: list[Result] = []

@@ -1,0 +1,254 @@
+"""``retbench`` command line: run, list, validate, results, leaderboard.
+
+Arguments are parsed here and turned into one :class:`~retbench.config.RunConfig`;
+nothing below this module sees argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from retbench.errors import RetbenchError
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+EPILOG = """examples:
+  retbench run --model classical --task eye4class
+  retbench run --model classical,timm:resnet18 --task @bundled --protocol linear_probe,few_shot
+  retbench list tasks
+  retbench leaderboard --results-dir results --out leaderboards
+Data root: --data-root DIR or $RETBENCH_DATA. Feature cache: --cache-dir or $RETBENCH_CACHE."""
+
+
+def _csv_list(values: list[str] | None) -> tuple[str, ...]:
+    """Flatten repeated and comma-separated option values."""
+    return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(prog="retbench", description="Benchmark retinal foundation models on "
+                                     "declarative tasks with zero-shot, few-shot and linear-probe protocols.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    lst = sub.add_parser("list", help="list tasks, models, protocols, metrics or task groups",
+                         description="List what is registered.")
+    lst.add_argument("what", choices=["tasks", "models", "protocols", "metrics", "groups"])
+    lst.add_argument("--pattern", default="*", help="glob filter on names (e.g. 'mx_*')")
+    val = sub.add_parser("validate", help="validate task specs (all shipped ones by default)",
+                         description="Parse and validate YAML task specs; exit 1 if any is invalid.")
+    val.add_argument("files", nargs="*", help="spec files (default: every shipped and RETBENCH_TASKS_PATH task)")
+    res = sub.add_parser("results", help="show the result store as a table; export CSV",
+                         description="Show stored results, one row per (model, task, protocol).")
+    res.add_argument("--results-dir", default="results", help="result store (default: ./results)")
+    res.add_argument("--csv", help="also write the full table (every metric and CI) as CSV to this path")
+    res.add_argument("--task", action="append", help="only these tasks (repeatable, comma-separated)")
+    res.add_argument("--protocol", action="append", help="only these protocols")
+    lb = sub.add_parser("leaderboard", help="render markdown leaderboards from the result store",
+                        description="Write one markdown table per protocol (models x tasks + mean, best in bold).")
+    lb.add_argument("--results-dir", default="results", help="result store (default: ./results)")
+    lb.add_argument("--out", default="leaderboards", help="output folder (default: ./leaderboards)")
+    lb.add_argument("--protocol", action="append", help="only these protocols (default: all in the store)")
+    lb.add_argument("--metric", help="show this metric for every task instead of each task's primary metric")
+    return parser
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="evaluate models on tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Evaluate every model on every task with every protocol that applies.\n"
+                         "Finished (model, task, protocol) results are skipped unless --overwrite.",
+                         epilog="Task selectors: names, globs ('mx_*') or @groups (@bundled, @dr_grading, @all).")
+    run.add_argument("--model", "-m", action="append", required=True,
+                     help="model name(s): family[.tag] or family:arg, e.g. classical, timm:resnet18 (repeatable)")
+    run.add_argument("--task", "-t", action="append", required=True, help="task name(s), globs or @group (repeatable)")
+    run.add_argument("--protocol", "-p", action="append",
+                     help="protocol(s) (default: linear_probe, few_shot, zero_shot where the task allows)")
+    run.add_argument("--data-root", help="folder holding the datasets (default: $RETBENCH_DATA)")
+    run.add_argument("--results-dir", default="results", help="result store (default: ./results)")
+    run.add_argument("--cache-dir", default="", help="feature cache (default: $RETBENCH_CACHE or ~/.cache/retbench)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    run.add_argument("--weights", help="local checkpoint for the model (or 'hub' for timm's pretrained download)")
+    run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    run.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
+    run.add_argument("--overwrite", action="store_true", help="recompute results that already exist")
+    run.add_argument("--skip-bad-images", action="store_true",
+                     help="skip unreadable images (recorded in the result) instead of failing")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    run.add_argument("--shots", type=int, nargs="+", help="few-shot k values (default: 1 2 4 8 16 where possible)")
+    run.add_argument("--seeds", type=int, help="number of seeds for few-shot and linear probe")
+    run.add_argument("--leaderboard", metavar="DIR", help="afterwards, write leaderboards into DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RetbenchError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``retbench run``."""
+    from retbench.config import RunConfig
+    from retbench.evaluate import run
+    from retbench.tasks import resolve_tasks
+
+    config = RunConfig(
+        models=_csv_list(args.model), tasks=tuple(resolve_tasks(list(_csv_list(args.task)))),
+        protocols=_csv_list(args.protocol), data_root=args.data_root, results_dir=args.results_dir,
+        cache_dir=args.cache_dir, device=args.device, weights=args.weights, batch_size=args.batch_size,
+        num_workers=args.workers, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
+        use_cache=not args.no_cache, shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
+    )
+    results = run(config, on_result=_print_result)
+    done = sum(r.status == "done" for r in results)
+    existing = sum(r.status == "existing" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    err.print(f"{done} written, {existing} already in {config.results_dir}, {skipped} not applicable")
+    if args.leaderboard:
+        from retbench.leaderboard import write_leaderboards
+
+        for path in write_leaderboards(Path(config.results_dir), Path(args.leaderboard)):
+            err.print(f"leaderboard: {path}")
+    return 0
+
+
+def _print_result(result: object) -> None:
+    from retbench.evaluate import Result
+
+    assert isinstance(result, Result)
+    if result.status == "skipped":
+        err.print(f"[yellow]skip[/yellow] {result.reason}", highlight=False)
+    elif result.status == "existing":
+        err.print(f"[dim]exists[/dim] {result.path}", highlight=False)
+    else:
+        d = result.data
+        m = d["metrics"][d["primary_metric"]]
+        ci = f" (95% CI {m['ci95'][0]:.3f}–{m['ci95'][1]:.3f})" if "ci95" in m else ""
+        out.print(f"{d['model']['name']:<24} {d['task']['name']:<24} {d['protocol']['name']:<22} "
+                  f"{d['primary_metric']}={m['mean']:.3f}{ci}", highlight=False)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``retbench list``."""
+    import fnmatch
+
+    rows, columns = LISTERS[args.what]()
+    rows = [r for r in rows if fnmatch.fnmatch(str(r[columns[0]]), args.pattern)]
+    table = Table(*columns, show_lines=False)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    out.print(table)
+    return 0
+
+
+def _list_tasks() -> tuple[list[dict], list[str]]:
+    from retbench.tasks import get_task, task_index
+
+    rows = []
+    for name in task_index():
+        s = get_task(name)
+        rows.append({"task": name, "version": s.version, "modality": s.modality, "problem": s.problem,
+                     "classes": len(s.classes), "primary": s.primary_metric, "groups": ", ".join(s.groups)})
+    return rows, ["task", "version", "modality", "problem", "classes", "primary", "groups"]
+
+
+def _list_models() -> tuple[list[dict], list[str]]:
+    from retbench.adapters import list_models
+
+    return list_models(), ["model", "source", "licence", "input", "feature", "text"]
+
+
+def _list_protocols() -> tuple[list[dict], list[str]]:
+    from retbench.protocols import PROTOCOLS
+
+    rows = [{"protocol": n, "description": PROTOCOLS.get(n).description} for n in PROTOCOLS.names()]
+    return rows, ["protocol", "description"]
+
+
+def _list_metrics() -> tuple[list[dict], list[str]]:
+    from retbench.metrics import METRICS
+
+    rows = [{"metric": n, "higher_is_better": METRICS.get(n).higher_is_better, "description": METRICS.get(n).description}
+            for n in METRICS.names()]
+    return rows, ["metric", "higher_is_better", "description"]
+
+
+def _list_groups() -> tuple[list[dict], list[str]]:
+    from retbench.tasks import task_groups
+
+    return [{"group": f"@{g}", "tasks": ", ".join(t)} for g, t in sorted(task_groups().items())], ["group", "tasks"]
+
+
+LISTERS = {"tasks": _list_tasks, "models": _list_models, "protocols": _list_protocols, "metrics": _list_metrics,
+           "groups": _list_groups}
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``retbench validate``: every problem is reported, one line each."""
+    from retbench.spec import parse_spec
+    from retbench.tasks import task_index
+
+    files = [Path(f) for f in args.files] or list(task_index().values())
+    failures = 0
+    for path in files:
+        try:
+            spec = parse_spec(path)
+            out.print(f"[green]ok[/green]   {spec.name} v{spec.version}  ({path})", highlight=False)
+        except RetbenchError as exc:
+            failures += 1
+            out.print(f"[red]FAIL[/red] {exc}", highlight=False, soft_wrap=True)
+    out.print(f"{len(files) - failures} valid, {failures} invalid")
+    return 1 if failures else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """``retbench results``."""
+    from retbench.store import results_table
+
+    frame = results_table(Path(args.results_dir))
+    if frame.empty:
+        err.print(f"no results in {args.results_dir}")
+        return 0
+    if args.task:
+        frame = frame[frame["task"].isin(_csv_list(args.task))]
+    if args.protocol:
+        frame = frame[frame["protocol"].isin(_csv_list(args.protocol))]
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+        err.print(f"wrote {len(frame)} rows to {args.csv}")
+    table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "runs", "n test")
+    for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):
+        m = r["primary_metric"]
+        low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+        ci = f"{low:.3f}–{high:.3f}" if low == low and low is not None else ""
+        table.add_row(r["model"], r["task"], r["protocol"], m, f"{r['primary']:.3f}", ci, str(r["seeds"]), str(r["n_test"]))
+    out.print(table)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """``retbench leaderboard``."""
+    from retbench.leaderboard import write_leaderboards
+
+    paths = write_leaderboards(Path(args.results_dir), Path(args.out), list(_csv_list(args.protocol)) or None,
+                               args.metric)
+    for p in paths:
+        out.print(f"wrote {p}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "validate": cmd_validate, "results": cmd_results,
+            "leaderboard": cmd_leaderboard}
+
+if __name__ == "__main__":
+    sys.exit(main())
