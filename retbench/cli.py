@@ -16,7 +16,7 @@ from rich.table import Table
 from retbench.errors import RetbenchError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EPILOG = """examples:
   retbench run --model classical --task eye4class
