@@ -156,10 +156,13 @@ def split_model_name(name: str) -> tuple[str, str | None]:
     return family, tag or None
 
 
-def check_model_name(name: str) -> None:
-    """Raise (with suggestions) unless ``name`` names a registered family."""
-    family, _ = split_model_name(name)
-    ADAPTERS.get(family)
+def canonical_model_name(name: str) -> str:
+    """``family`` → ``family.<default tag>``; other forms unchanged (no model is built)."""
+    family, tag = split_model_name(name)
+    cls = ADAPTERS.get(family)
+    if cls.open_ended:
+        return f"{family}:{tag}"
+    return f"{family}.{tag or cls.default_tag}"
 
 
 def load_model(name: str, weights: str | None = None, device: str = "cpu") -> Adapter:

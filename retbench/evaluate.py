@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from retbench.adapters import Adapter, check_model_name, load_model
+from retbench.adapters import Adapter, canonical_model_name, load_model
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
 from retbench.features import FeatureCache, Features, extract
 from retbench.preprocess import Preprocess
-from retbench.progress import console
 from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context, summarize
 from retbench.spec import TaskSpec
@@ -131,8 +131,7 @@ def configured_protocol(name: str, config: RunConfig) -> Any:
 
 def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Run every (model, task, protocol) of ``config``; finished results are skipped unless ``overwrite``."""
-    for model in config.models:
-        check_model_name(model)
+    config = dataclasses.replace(config, models=tuple(canonical_model_name(m) for m in config.models))
     device = resolve_device(config.device)
     results_root = Path(config.results_dir)
     out: list[Result] = []

@@ -83,10 +83,10 @@ def extract(
 ) -> Features:
     """Encode every example; ``joint`` selects image-text space embeddings (zero-shot)."""
     device = adapter.device
+    workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(
-        ImageDataset(examples, preprocess), batch_size=batch_size, shuffle=False,
-        num_workers=default_workers() if num_workers is None else num_workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if (num_workers or default_workers()) else None,
+        ImageDataset(examples, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
     )
     encode = adapter.encode_image_joint if joint else adapter.encode_image
     outputs, rows, bad = [], [], []

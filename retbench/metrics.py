@@ -8,8 +8,8 @@ metrics. Predicted labels are ``proba.argmax(1)``. The variant is in the name:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from sklearn import metrics as skm

@@ -23,6 +23,13 @@ class LinearModels:
     weight: torch.Tensor  # (B, D, K)
     bias: torch.Tensor  # (B, K)
     n_iter: int
+    max_grad: torch.Tensor  # (B,) largest |gradient| of each problem's normalised objective at the end
+    tol: float = 1e-6
+
+    @property
+    def converged(self) -> torch.Tensor:
+        """(B,) bool: problems whose gradient reached the tolerance (scikit-learn's own is 1e-4)."""
+        return self.max_grad <= self.tol * 10
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) features → (B, N, K) logits."""
@@ -59,7 +66,7 @@ def fit_logistic(
     C: torch.Tensor,
     n_classes: int,
     standardize: bool = False,
-    max_iter: int = 1000,
+    max_iter: int = 3000,
     tol: float = 1e-6,
 ) -> LinearModels:
     """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused)."""
@@ -73,7 +80,9 @@ def fit_logistic(
     else:  # centring alone is an exact reparametrisation (the intercept is free) and helps L-BFGS
         shift, scale = (used @ x / used.sum(1, keepdim=True).clamp(min=1)), torch.ones(B, D, device=dev, dtype=dtype)
     norm = 1.0 / weights.sum(1).clamp(min=1e-12)  # (B,)
-    reg = 0.5 / (C * weights.sum(1).clamp(min=1e-12))  # (B,)
+    # Two classes: scikit-learn fits one binomial vector v = w1 - w0 with penalty ½‖v‖²; the symmetric
+    # two-column optimum has w1 = -w0 = v/2, so the penalty on both columns must be ‖W‖², not ½‖W‖².
+    reg = (1.0 if K == 2 else 0.5) / (C * weights.sum(1).clamp(min=1e-12))  # (B,)
     onehot = torch.nn.functional.one_hot(y, K).to(dtype)
     w = torch.zeros(B, D, K, device=dev, dtype=dtype, requires_grad=True)
     c = torch.zeros(B, K, device=dev, dtype=dtype, requires_grad=True)
@@ -89,7 +98,7 @@ def fit_logistic(
         nll = -(logp * onehot[None]).sum(-1)  # (B, N)
         return ((weights * nll).sum(1) * norm + reg * (w * w).sum((1, 2))).sum()
 
-    opt = torch.optim.LBFGS([w, c], lr=1, max_iter=max_iter, tolerance_grad=tol / B, tolerance_change=1e-12,
+    opt = torch.optim.LBFGS([w, c], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -102,5 +111,7 @@ def fit_logistic(
     with torch.no_grad():
         w_eff = w / scale[:, :, None]
         c_eff = c - torch.einsum("bd,bdk->bk", shift, w_eff)
+    closure()  # gradients at the solution; each problem's block is its own (the objective is a sum)
+    max_grad = torch.maximum(w.grad.abs().amax(dim=(1, 2)), c.grad.abs().amax(dim=1)).detach()
     n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-    return LinearModels(w_eff.detach(), c_eff.detach(), int(n_iter))
+    return LinearModels(w_eff.detach(), c_eff.detach(), int(n_iter), max_grad, tol)

@@ -153,7 +153,8 @@ class _Reader:
         v = self.data[k]
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        accepted = typ if isinstance(typ, tuple) else (typ,)
+        if not isinstance(v, typ) or (isinstance(v, bool) and bool not in accepted):
             names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise self.fail(k, f"expected {names}, got {type(v).__name__} {v!r}")
         if choices and v not in choices:
@@ -163,8 +164,8 @@ class _Reader:
     def strings(self, k: str, default: Any = ...) -> tuple[str, ...]:
         v = self.get(k, (list, str), default)
         items = [v] if isinstance(v, str) else list(v)
-        if not all(isinstance(i, (str, int, float)) for i in items):
-            raise self.fail(k, "expected a list of strings")
+        if not all(isinstance(i, (str, int, float)) and not isinstance(i, bool) for i in items):
+            raise self.fail(k, "expected a list of strings (quote yes/no/true/false, which YAML reads as booleans)")
         return tuple(str(i) for i in items)
 
     def sub(self, k: str, default: Any = ...) -> _Reader:
@@ -294,8 +295,8 @@ def _parse_splits(s: _Reader) -> SplitSpec:
         seed=s.get("seed", int, 0),
         by_patient=s.get("by_patient", bool, True),
     )
-    for k in ("test_fraction", "val_fraction"):
-        v = getattr(spec, k)
-        if not 0.0 <= v < 1.0:
-            raise s.fail(k, f"must be in [0, 1), got {v}")
+    if spec.strategy == "stratified" and not 0.0 < spec.test_fraction < 1.0:
+        raise s.fail("test_fraction", f"must be in (0, 1), got {spec.test_fraction}")
+    if not 0.0 <= spec.val_fraction < 1.0 - spec.test_fraction:
+        raise s.fail("val_fraction", f"must be in [0, 1 - test_fraction), got {spec.val_fraction}")
     return spec

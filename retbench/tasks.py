@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import yaml
@@ -60,7 +60,7 @@ def task_registry() -> Registry[Path]:
     return reg
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_task(name: str) -> TaskSpec:
     """The validated spec of task ``name`` (or of a YAML file path)."""
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():

@@ -42,7 +42,7 @@ def _given(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
     if examples.given_split is None:
         raise DataError(f"task '{spec.name}': splits.strategy is 'given' but the source gives no split per example")
     names = np.array([SPLIT_ALIASES.get(str(s).lower(), str(s).lower()) for s in examples.given_split])
-    unknown = sorted(set(names) - {"train", "val", "test"})
+    unknown = sorted(set(names.tolist()) - {"train", "val", "test"})
     if unknown:
         raise DataError(f"task '{spec.name}': unknown split names {unknown}; allowed: train, val, test")
     out = {s: np.flatnonzero(names == s) for s in ("train", "val", "test") if (names == s).any()}
@@ -55,16 +55,22 @@ def _given(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
 def holdout(
     idx: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (rest, held-out ≈ ``fraction``), stratified by label and grouped by patient."""
-    n_splits = max(2, round(1 / fraction))
+    """Split ``idx`` into (rest, held-out ≈ ``fraction``), stratified by label and grouped by patient.
+
+    The data are cut into ``n`` stratified (grouped) folds and ``round(fraction · n)`` of them are held
+    out: ``n = 1 / fraction`` when that is a whole number (0.2 → 5 folds, 1 held out), else 20.
+    """
+    inverse = 1 / fraction
+    n_splits = round(inverse) if abs(inverse - round(inverse)) < 1e-9 else 20
     counts = np.bincount(labels)
-    n_splits = min(n_splits, max(2, int(counts[counts > 0].min())))
+    n_splits = max(2, min(n_splits, int(counts[counts > 0].min()), len(idx)))
+    n_held = min(n_splits - 1, max(1, round(fraction * n_splits)))
     if groups is not None and len(set(groups)) < len(groups):
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        rest, held = next(folds.split(idx, labels, groups))
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(idx, labels, groups)
     else:
-        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        rest, held = next(folds.split(idx, labels))
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(idx, labels)
+    held = np.sort(np.concatenate([test for _, (_, test) in zip(range(n_held), folds)]))
+    rest = np.setdiff1d(np.arange(len(idx)), held)
     return idx[rest], idx[held]
 
 

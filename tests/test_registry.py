@@ -1,0 +1,117 @@
+"""The generic Registry: register, lazy entries, entry points, globbing, suggestions."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+import retbench.registry as registry_module
+from retbench.errors import RetbenchError, UnknownNameError
+from retbench.registry import Registry
+
+
+def test_register_bare_and_as_decorator() -> None:
+    reg: Registry = Registry("widget")
+    obj = object()
+    assert reg.register("plain", obj) is obj
+
+    @reg.register("decorated")
+    def make() -> int:
+        return 7
+
+    assert make() == 7  # the decorator returns the function itself
+    assert reg.get("plain") is obj and reg.get("decorated") is make
+    assert "plain" in reg and "missing" not in reg
+    assert len(reg) == 2 and list(reg) == ["decorated", "plain"]
+
+
+def test_duplicate_name_is_refused_but_same_object_is_fine() -> None:
+    reg: Registry = Registry("widget")
+    obj = object()
+    reg.register("a", obj)
+    reg.register("a", obj)
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        reg.register("a", object())
+
+
+def test_lazy_entry_is_imported_on_first_get() -> None:
+    reg: Registry = Registry("widget")
+    reg.register_lazy("sqrt", "math:sqrt")
+    assert reg._items["sqrt"] == "math:sqrt"  # nothing imported yet
+    assert reg.get("sqrt") is math.sqrt
+    assert reg._items["sqrt"] is math.sqrt  # resolved once, then kept
+    with pytest.raises(ValueError, match="module:Attr"):
+        reg.register_lazy("bad", "math.sqrt")
+
+
+def test_real_object_replaces_a_lazy_entry() -> None:
+    reg: Registry = Registry("widget")
+    reg.register_lazy("x", "math:pi")
+    reg.register("x", 3)
+    assert reg.get("x") == 3
+
+
+def test_entry_points_are_loaded_and_do_not_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = []
+
+    def fake_entry_points(group: str) -> list:
+        groups.append(group)
+        return [SimpleNamespace(name="ep_pi", value="math:pi"), SimpleNamespace(name="own", value="math:e")]
+
+    monkeypatch.setattr(registry_module, "entry_points", fake_entry_points)
+    reg: Registry = Registry("widget", entry_point_group="retbench.widgets")
+    reg.register("own", 42)
+    assert reg.get("ep_pi") == math.pi
+    assert reg.get("own") == 42
+    assert reg.names() == ["ep_pi", "own"]
+    assert groups == ["retbench.widgets"]  # loaded once
+
+
+def test_glob_names() -> None:
+    reg: Registry = Registry("model")
+    for name in ("vit_small.a", "vit_base.b", "resnet18", "vit_small.c"):
+        reg.register(name, name.upper())
+    assert reg.names("vit_small*") == ["vit_small.a", "vit_small.c"]
+    assert reg.names("vit_*") == ["vit_base.b", "vit_small.a", "vit_small.c"]
+    assert reg.names("*18") == ["resnet18"]
+    assert reg.names("nothing*") == []
+    assert reg.names() == sorted(reg.names())
+
+
+def test_unknown_name_suggests_close_matches() -> None:
+    reg: Registry = Registry("protocol")
+    for name in ("linear_probe", "linear_probe.flair", "few_shot", "zero_shot"):
+        reg.register(name, name)
+    with pytest.raises(UnknownNameError) as info:
+        reg.get("linear_prob")
+    err = info.value
+    assert isinstance(err, RetbenchError) and isinstance(err, KeyError)
+    msg = str(err)
+    assert msg.startswith("unknown protocol 'linear_prob'; did you mean 'linear_probe'")
+    assert "'zero_shot'" not in msg
+    assert "retbench list protocols" in msg
+    assert not msg.startswith('"')  # not KeyError's quoted repr
+
+
+def test_unknown_name_without_close_match_has_no_suggestion() -> None:
+    reg: Registry = Registry("metric")
+    reg.register("accuracy", 1)
+    msg = reg.unknown_message("zzzzzz")
+    assert "did you mean" not in msg
+    assert msg == "unknown metric 'zzzzzz' (see `retbench list metrics`)"
+
+
+def test_shipped_registries_hold_their_entries() -> None:
+    from retbench.adapters import ADAPTERS, discover_adapters
+    from retbench.data.sources import SOURCES
+    from retbench.protocols import PROTOCOLS
+
+    discover_adapters()
+    assert {"classical", "tinyclip", "timm"} <= set(ADAPTERS.names())
+    assert PROTOCOLS.names("linear_probe*") == ["linear_probe", "linear_probe.flair", "linear_probe.retfound"]
+    assert PROTOCOLS.get("few_shot").name == "few_shot"
+    assert SOURCES.names() == ["csv", "folder", "hf_disk", "npz"]
+    with pytest.raises(UnknownNameError, match="did you mean 'tinyclip'"):
+        ADAPTERS.get("tinyclp")
