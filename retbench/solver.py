@@ -25,6 +25,7 @@ class LinearModels:
     n_iter: int
     max_grad: torch.Tensor  # (B,) largest |gradient| of each problem's normalised objective at the end
     tol: float = 1e-6
+    internal: tuple[torch.Tensor, torch.Tensor] | None = None  # solver-space parameters, for warm starts
 
     @property
     def converged(self) -> torch.Tensor:
@@ -68,8 +69,12 @@ def fit_logistic(
     standardize: bool = False,
     max_iter: int = 3000,
     tol: float = 1e-6,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LinearModels:
-    """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused)."""
+    """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused).
+
+    ``init`` warm-starts from another fit's ``internal`` parameters (same rows and standardisation).
+    """
     x = x.to(torch.float64) if x.device.type == "cpu" else x.float()
     dtype, dev = x.dtype, x.device
     weights, C, y = weights.to(dev, dtype), C.to(dev, dtype), y.to(dev)
@@ -84,8 +89,11 @@ def fit_logistic(
     # two-column optimum has w1 = -w0 = v/2, so the penalty on both columns must be ‖W‖², not ½‖W‖².
     reg = (1.0 if K == 2 else 0.5) / (C * weights.sum(1).clamp(min=1e-12))  # (B,)
     onehot = torch.nn.functional.one_hot(y, K).to(dtype)
-    w = torch.zeros(B, D, K, device=dev, dtype=dtype, requires_grad=True)
-    c = torch.zeros(B, K, device=dev, dtype=dtype, requires_grad=True)
+    if init is None:
+        w = torch.zeros(B, D, K, device=dev, dtype=dtype, requires_grad=True)
+        c = torch.zeros(B, K, device=dev, dtype=dtype, requires_grad=True)
+    else:
+        w, c = (t.detach().to(dev, dtype).clone().requires_grad_(True) for t in init)
 
     def logits_of(w_: torch.Tensor, c_: torch.Tensor) -> torch.Tensor:
         w_eff = w_ / scale[:, :, None]
@@ -114,4 +122,4 @@ def fit_logistic(
     closure()  # gradients at the solution; each problem's block is its own (the objective is a sum)
     max_grad = torch.maximum(w.grad.abs().amax(dim=(1, 2)), c.grad.abs().amax(dim=1)).detach()
     n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-    return LinearModels(w_eff.detach(), c_eff.detach(), int(n_iter), max_grad, tol)
+    return LinearModels(w_eff.detach(), c_eff.detach(), int(n_iter), max_grad, tol, (w.detach(), c.detach()))

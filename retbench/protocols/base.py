@@ -121,22 +121,60 @@ class Probe:
 
 def solve_probes(
     x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Probe], device: torch.device,
-    balanced: bool, standardize: bool,
+    balanced: bool, standardize: bool, stats: dict[str, Any] | None = None,
 ) -> list[np.ndarray]:
-    """Fit all ``probes`` in one batched solve; return each one's probabilities on its predict rows."""
+    """Fit all ``probes`` batched; return each one's probabilities on its predict rows.
+
+    When the probes form a regularisation path — the same list of fit sets repeated for every C —
+    the C values are solved in increasing order, each batch warm-started from the previous
+    (strongly regularised problems converge fast and hand on a good start). Otherwise one solve
+    fits them all. ``stats``, when given, receives the solver's iteration count and how many
+    problems did not converge.
+    """
     if not probes:
         return []
     xt = torch.as_tensor(x, device=device)
     yt = torch.as_tensor(y, device=device)
-    mask = torch.zeros(len(probes), len(x), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-    for b, p in enumerate(probes):
-        mask[b, torch.as_tensor(p.fit, device=device)] = 1.0
-    weights = balanced_weights(yt, mask, n_classes) if balanced else mask
-    C = torch.tensor([p.C for p in probes], device=device)
-    models = fit_logistic(xt, yt, weights, C, n_classes, standardize=standardize)
-    out = []
-    for b, p in enumerate(probes):
-        rows = torch.as_tensor(p.predict, device=device)
-        logits = xt[rows].to(models.weight.dtype) @ models.weight[b] + models.bias[b]
-        out.append(torch.softmax(logits, dim=-1).cpu().numpy())
+    out: list[np.ndarray | None] = [None] * len(probes)
+    state = None
+    for batch in _path_batches(probes):
+        models = _fit_batch(xt, yt, n_classes, [probes[i] for i in batch], balanced, standardize, state)
+        state = models.internal
+        _record(stats, models, len(batch))
+        for b, i in enumerate(batch):
+            rows = torch.as_tensor(probes[i].predict, device=device)
+            logits = xt[rows].to(models.weight.dtype) @ models.weight[b] + models.bias[b]
+            out[i] = torch.softmax(logits, dim=-1).cpu().numpy()
     return out
+
+
+def _path_batches(probes: list[Probe]) -> list[list[int]]:
+    """Index batches in increasing C when the probes are a regularisation path, else one batch."""
+    by_c: dict[float, list[int]] = {}
+    for i, p in enumerate(probes):
+        by_c.setdefault(p.C, []).append(i)
+    groups = [by_c[c] for c in sorted(by_c)]
+    first = [probes[i].fit for i in groups[0]]
+    is_path = len(groups) > 1 and all(
+        len(g) == len(first) and all(np.array_equal(probes[i].fit, f) for i, f in zip(g, first)) for g in groups
+    )
+    return groups if is_path else [list(range(len(probes)))]
+
+
+def _fit_batch(xt: torch.Tensor, yt: torch.Tensor, n_classes: int, probes: list[Probe], balanced: bool,
+               standardize: bool, init: Any) -> Any:
+    dtype = torch.float64 if xt.device.type == "cpu" else torch.float32
+    mask = torch.zeros(len(probes), len(xt), device=xt.device, dtype=dtype)
+    for b, p in enumerate(probes):
+        mask[b, torch.as_tensor(p.fit, device=xt.device)] = 1.0
+    weights = balanced_weights(yt, mask, n_classes) if balanced else mask
+    C = torch.tensor([p.C for p in probes], device=xt.device)
+    return fit_logistic(xt, yt, weights, C, n_classes, standardize=standardize, init=init)
+
+
+def _record(stats: dict[str, Any] | None, models: Any, n: int) -> None:
+    if stats is None:
+        return
+    stats["solver_iterations"] = stats.get("solver_iterations", 0) + models.n_iter
+    stats["not_converged"] = stats.get("not_converged", 0) + int((~models.converged).sum())
+    stats["problems"] = stats.get("problems", 0) + n

@@ -51,11 +51,14 @@ class FewShot:
             raise DataError(f"task '{ctx.spec.name}': class '{ctx.spec.classes[smallest].name}' has no training example")
         plans = [(k, s, self._support(per_class, k, s)) for k in shots for s in self.seeds]
         probes = [Probe(support, self.C, test) for _, _, support in plans]
-        probas = solve_probes(ctx.features(), y, n_classes, probes, ctx.device, balanced=True, standardize=True)
+        solver: dict[str, int] = {}
+        probas = solve_probes(ctx.features(), y, n_classes, probes, ctx.device, balanced=True, standardize=True,
+                              stats=solver)
         raw = [(s, k, test, p, {"support": sup.tolist()}) for (k, s, sup), p in zip(plans, probas)]
         runs = evaluate_runs(ctx.spec, ctx.spec.metrics, raw, y)
         settings = {"shots": shots, "skipped_shots": skipped, "seeds": list(self.seeds), "C": self.C,
-                    "rule": "support-set z-score, class-balanced logistic regression, fixed C; no validation data"}
+                    "rule": "support-set z-score, class-balanced logistic regression, fixed C; no validation data",
+                    "solver": solver}
         return ProtocolOutput(runs, settings)
 
     @staticmethod

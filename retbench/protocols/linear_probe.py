@@ -52,20 +52,21 @@ class LinearProbe:
     def run(self, ctx: Context) -> ProtocolOutput:
         """Fit and evaluate; returns one run per seed."""
         x, y, n_classes = ctx.features(), ctx.examples.labels, len(ctx.spec.classes)
-        plans = self._flair_plans(ctx) if self.flair_folds else self._search_plans(ctx, x, y, n_classes)
+        solver: dict[str, int] = {}
+        plans = self._flair_plans(ctx) if self.flair_folds else self._search_plans(ctx, x, y, n_classes, solver)
         probes = [Probe(fit, C, test) for _, fit, C, test in plans]
-        probas = solve_probes(x, y, n_classes, probes, ctx.device, self.balanced, self.standardize)
+        probas = solve_probes(x, y, n_classes, probes, ctx.device, self.balanced, self.standardize, solver)
         raw = [(seed, None, test, p, {"C": C, "n_fit": int(len(fit))}) for (seed, fit, C, test), p in zip(plans, probas)]
         runs = evaluate_runs(ctx.spec, self.metric_names(ctx), raw, y)
         settings = {"seeds": sorted({r.seed for r in runs}), "Cs": list(self.Cs) if not self.flair_folds else list(self.Cs[:1]),
                     "balanced": self.balanced, "standardize": self.standardize, "val_fraction": self.val_fraction,
-                    "flair_folds": self.flair_folds, "patient_grouped": self._grouped(ctx)}
+                    "flair_folds": self.flair_folds, "patient_grouped": self._grouped(ctx), "solver": solver}
         return ProtocolOutput(runs, settings)
 
     def _grouped(self, ctx: Context) -> bool:
         return ctx.spec.splits.by_patient and len(set(ctx.examples.patients)) < len(ctx.examples)
 
-    def _search_plans(self, ctx: Context, x: np.ndarray, y: np.ndarray, n_classes: int) -> list[tuple]:
+    def _search_plans(self, ctx: Context, x: np.ndarray, y: np.ndarray, n_classes: int, solver: dict) -> list[tuple]:
         train, test = ctx.split("train"), ctx.split("test")
         groups = np.asarray(ctx.examples.patients, dtype=object) if ctx.spec.splits.by_patient else None
         if "val" in ctx.splits:  # a fixed validation split: the deterministic solver makes seeds identical
@@ -74,7 +75,7 @@ class LinearProbe:
             carved = {s: holdout(train, y[train], None if groups is None else groups[train], self.val_fraction, s)
                       for s in self.seeds}
         search = [Probe(fit, C, val) for fit, val in carved.values() for C in self.Cs]
-        probas = solve_probes(x, y, n_classes, search, ctx.device, self.balanced, self.standardize)
+        probas = solve_probes(x, y, n_classes, search, ctx.device, self.balanced, self.standardize, solver)
         primary = METRICS.get(ctx.spec.primary_metric)
         plans = []
         for i, (seed, (fit, val)) in enumerate(carved.items()):
