@@ -24,7 +24,7 @@ class LinearModels:
     bias: torch.Tensor  # (B, K)
     n_iter: int
     max_grad: torch.Tensor  # (B,) largest |gradient| of each problem's normalised objective at the end
-    tol: float = 1e-6
+    tol: float = 1e-5
     internal: tuple[torch.Tensor, torch.Tensor] | None = None  # solver-space parameters, for warm starts
 
     @property
@@ -68,7 +68,7 @@ def fit_logistic(
     n_classes: int,
     standardize: bool = False,
     max_iter: int = 3000,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LinearModels:
     """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused).

