@@ -44,7 +44,7 @@ def _cells(frame: pd.DataFrame, metric: str | None) -> tuple[dict[tuple[str, str
             continue
         low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
         cells[(row["model"], row["task"])] = Cell(row[name], None if pd.isna(low) else low, None if pd.isna(high) else high)
-        metric_of[row["task"]] = name
+        metric_of[row["task"]] = name if pd.isna(row.get("k")) else f"{name}, k={int(row['k'])}"
     return cells, metric_of
 
 
@@ -55,8 +55,9 @@ def render_table(frame: pd.DataFrame, metric: str | None = None) -> str:
     models = sorted({m for m, _ in cells})
     means = {m: float(np.mean([cells[(m, t)].mean for t in tasks])) for m in models
              if all((m, t) in cells for t in tasks)}
-    best = {t: _best([cells[(m, t)].mean for m in models if (m, t) in cells], metric_of[t]) for t in tasks}
-    higher = all(METRICS.get(metric_of[t]).higher_is_better for t in tasks)
+    metric_name = {t: metric_of[t].split(",")[0] for t in tasks}
+    best = {t: _best([cells[(m, t)].mean for m in models if (m, t) in cells], metric_name[t]) for t in tasks}
+    higher = all(METRICS.get(metric_name[t]).higher_is_better for t in tasks)
     best_mean = _best(list(means.values()), None if higher else "min") if means else None
     header = ["model"] + [f"{t}<br>{metric_of[t]}" for t in tasks] + ["mean"]
     rows = []

@@ -55,7 +55,8 @@ def results_table(root: Path) -> pd.DataFrame:
             "model": r["model"]["name"], "task": r["task"]["name"], "task_version": r["task"]["version"],
             "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],
             "primary": r["metrics"][r["primary_metric"]]["mean"], "n_test": r["data"]["n_test"],
-            "seeds": len(r["runs"]), "created": r["created"], "path": r["_path"],
+            "seeds": len({run["seed"] for run in r["runs"]}), "k": r.get("headline_k"), "created": r["created"],
+            "path": r["_path"],
         }
         for name, m in r["metrics"].items():
             if "std" in m:
