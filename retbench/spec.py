@@ -206,6 +206,9 @@ def parse_spec(path: Path) -> TaskSpec:
         if p not in PROTOCOLS:
             raise r.fail("protocols", PROTOCOLS.unknown_message(p))
     problem = r.get("problem", str, choices=PROBLEMS)
+    if problem == "multilabel":
+        raise r.fail("problem", "multilabel tasks are part of the schema but no source reader or protocol "
+                     "implements them yet; use binary, multiclass or ordinal")
     classes = _parse_classes(r)
     if problem == "binary" and len(classes) != 2:
         raise r.fail("classes", f"problem 'binary' needs exactly 2 classes, got {len(classes)}")

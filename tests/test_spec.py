@@ -304,3 +304,8 @@ def test_extra_task_folders_are_indexed(tmp_path: Path, monkeypatch: pytest.Monk
         task_index.cache_clear()
         get_task.cache_clear()
     assert "my_toy" not in task_index()
+
+
+def test_multilabel_is_refused_until_implemented(tmp_path: Path) -> None:
+    err = spec_error(write(tmp_path / "t.yaml", VALID.replace("problem: multiclass", "problem: multilabel")))
+    assert err.key == "problem" and "no source reader or protocol implements" in str(err)
