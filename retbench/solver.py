@@ -104,36 +104,48 @@ def fit_logistic(
     parameters (same rows and standardisation).
     """
     with torch.no_grad():
-        return _Solve(x, y, weights, C, n_classes, standardize).run(max_iter, tol, init)
+        # identical problems (a refit of several seeds on the same rows with the same C) are solved once
+        key = torch.cat([C.to(weights.device, weights.dtype)[:, None], weights], 1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if len(unique) == len(key):
+            return _Solve(x, y, weights, C, n_classes, standardize).run(max_iter, tol, init)
+        first = torch.full((len(unique),), len(key), dtype=torch.long, device=key.device)
+        first.scatter_reduce_(0, inverse, torch.arange(len(key), device=key.device), "amin")
+        sub_init = None if init is None else (init[0][first.to(init[0].device)], init[1][first.to(init[1].device)])
+        m = _Solve(x, y, weights[first], C.to(weights.device)[first], n_classes, standardize).run(
+            max_iter, tol, sub_init)
+        internal = None if m.internal is None else (m.internal[0][inverse], m.internal[1][inverse])
+        return LinearModels(m.weight[inverse], m.bias[inverse], m.n_iter, m.max_grad[inverse], tol, internal)
 
 
 class _Consts:
     """Per-problem constants of a subset of problems, gathered once, in the solver's layouts."""
 
-    def __init__(self, s: _Solve, idx: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, s: _Solve, idx: torch.Tensor) -> None:
         self.idx = idx
-        self.a = s.a[:, idx, None].to(dtype)  # (D, n, 1): z-score scale × preconditioner
-        self.shift = s.shift[:, idx, None].to(dtype)  # (D, n, 1)
-        self.wt = s.wt[:, idx, None].to(dtype)  # (N, n, 1)
-        self.pen = s.pen[:, idx, None].to(dtype)  # (D, n, 1): penalty curvature in solver coordinates
-        self.reg = s.reg[idx]
+        self.a = s.a[:, idx, None]  # (D1, n, 1): z-score scale × preconditioner
+        self.shift = s.shift[:, idx, None]  # (D1, n, 1); 0 on the intercept row
+        self.wt = s.wt[:, idx, None]  # (N, n, 1) normalised sample weights
+        self.pen = s.pen[:, idx, None]  # (D1, n, 1) penalty curvature; 0 on the intercept row
+        self.g = s.g[:, idx, None]  # (D1, n, 1) solver → natural coordinates
 
     def take(self, keep: torch.Tensor) -> _Consts:
         out = object.__new__(_Consts)
-        out.idx = self.idx[keep]
-        out.a, out.shift, out.wt = self.a[:, keep], self.shift[:, keep], self.wt[:, keep]
-        out.pen, out.reg = self.pen[:, keep], self.reg[keep]
+        out.idx, out.a, out.shift = self.idx[keep], self.a[:, keep], self.shift[:, keep]
+        out.wt, out.pen, out.g = self.wt[:, keep], self.pen[:, keep], self.g[:, keep]
         return out
 
 
 class _Solve:
     """One batched solve: the shared data, per-problem constants and the maps between coordinates.
 
-    Solver coordinates of problem b: ``Z`` (D, Kp) and ``c`` (Kp). The model weights of the
-    z-scored features are ``W = g_b · Z`` (``g_b`` the diagonal preconditioner), intercepts
-    ``hc · c``. Logits are computed on the globally standardised rows ``x0`` with
-    ``U = a_b · Z``, ``a_b = g_b / scale_b``, and ``e = hc · c - shift_b · U``.
-    Layouts put the feature axis first — (D, problems, Kp) — so products need no copies.
+    Solver coordinates of problem b: ``θ`` (D + 1, Kp), weights then intercepts. Natural
+    coordinates (weights of the z-scored features, intercepts) are ``g_b · θ``, ``g_b`` the
+    diagonal preconditioner. Logits are computed on the globally standardised rows with a
+    column of ones appended, ``x0`` (N, D + 1): ``L = x0 @ U + e`` with ``U = a_b · θ``,
+    ``a_b = g_b / scale_b`` (``scale`` 1 on the intercept row) and ``e = -shift_b · U``, the
+    per-problem centring. Layouts put the feature axis first — (D + 1, problems, Kp) — so
+    products need no copies.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, C: torch.Tensor, n_classes: int,
@@ -148,173 +160,146 @@ class _Solve:
         if len(rows) == 0:
             raise ValueError("no problem has a row with positive weight")
         x, y, weights = x[rows].to(dtype), y[rows], weights[:, rows]
-        self.N = len(rows)
+        self.N = N = len(rows)
         used = (weights > 0).to(dtype)
         # global standardisation of the used rows: well-scaled arithmetic, undone at the end
         self.mu = x.mean(0)
         sigma = x.std(0, unbiased=False)
         self.sigma = torch.where(sigma > 1e-10 * self.mu.abs(), sigma, torch.ones_like(sigma))  # constant → 1
-        self.x0 = (x - self.mu) / self.sigma
-        self.x0t = self.x0.T.contiguous()
+        x0 = (x - self.mu) / self.sigma
         n_b = used.sum(1, keepdim=True).clamp(min=1)
-        shift = (used @ self.x0) / n_b  # (B, D) per-problem means, x0 units
-        var = ((used @ (self.x0 * self.x0)) / n_b - shift * shift).clamp(min=0)
+        shift = (used @ x0) / n_b  # (B, D) per-problem means, x0 units
+        var = ((used @ (x0 * x0)) / n_b - shift * shift).clamp(min=0)
         # standardize: per-problem std, clamped at standardizer's eps (raw units); otherwise centring
         # alone, an exact reparametrisation (the intercept is free)
         scale = torch.maximum(var.sqrt(), 1e-6 / self.sigma) if standardize else (1.0 / self.sigma).expand_as(var)
         wsum = weights.sum(1).clamp(min=1e-12)
-        self.wt = (weights / wsum[:, None]).T.contiguous()  # (N, B) normalised sample weights
-        self.reg = 0.5 / (C * wsum)  # (B,) penalty reg · ‖W‖²
+        self.wt = (weights / wsum[:, None]).T.contiguous()  # (N, B)
+        reg = 0.5 / (C * wsum)  # (B,) penalty reg · ‖W‖²
         curv = 0.25 if self.binary else 1.0 / n_classes  # softmax curvature at W = 0
-        g = 1.0 / torch.sqrt(var / scale**2 * curv + 2 * self.reg[:, None])  # (B, D) diagonal preconditioner
-        self.g = g.T.contiguous()  # (D, B)
-        self.a = (g / scale).T.contiguous()
-        self.shift = shift.T.contiguous()
-        self.pen = 2 * self.reg[None, :] * self.g**2  # (D, B)
-        self.hc = 1.0 / math.sqrt(curv)
-        self.y = y
-        self.onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
-        if self.binary:
-            self.onehot = self.onehot[:, :, 1:]
-        # Hessian-vector products tolerate single precision (they only shape the Newton step)
-        self.hdtype = torch.float32
-        self.x0h, self.x0th = self.x0.to(self.hdtype), self.x0t.to(self.hdtype)
+        ones = torch.ones(self.B, 1, device=dev, dtype=dtype)
+        g = 1.0 / torch.sqrt(var / scale**2 * curv + 2 * reg[:, None])  # (B, D) diagonal preconditioner
+        self.g = torch.cat([g, ones / math.sqrt(curv)], 1).T.contiguous()  # (D1, B)
+        self.a = torch.cat([g / scale, ones / math.sqrt(curv)], 1).T.contiguous()
+        self.shift = torch.cat([shift, 0 * ones], 1).T.contiguous()
+        self.pen = torch.cat([2 * reg[:, None] * g**2, 0 * ones], 1).T.contiguous()
+        self.x0 = torch.cat([x0, torch.ones(N, 1, device=dev, dtype=dtype)], 1)  # (N, D1)
+        self.x0t = self.x0.T.contiguous()
+        onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
+        self.onehot = onehot[:, :, 1:] if self.binary else onehot
 
     # ---------------------------------------------------------------- model maps
-    def logits(self, Z: torch.Tensor, c: torch.Tensor, k: _Consts) -> torch.Tensor:
-        """Solver coordinates → logits (N, n, Kp) (in the dtype of ``Z``)."""
-        D, n, Kp = Z.shape
-        U = Z * k.a
-        e = c * self.hc - (U * k.shift).sum(0)
-        x0 = self.x0 if Z.dtype == self.dtype else self.x0h
-        return (x0 @ U.reshape(D, n * Kp)).view(self.N, n, Kp).add_(e)
+    def logits(self, th: torch.Tensor, k: _Consts) -> torch.Tensor:
+        """Solver coordinates (D1, n, Kp) → logits (N, n, Kp)."""
+        D1, n, Kp = th.shape
+        U = th * k.a
+        return (self.x0 @ U.reshape(D1, n * Kp)).view(self.N, n, Kp).sub_((U * k.shift).sum(0))
 
-    def back(self, R: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logit gradients R (N, n, Kp) → gradients in solver coordinates (data term only)."""
+    def back(self, R: torch.Tensor, k: _Consts) -> torch.Tensor:
+        """Logit gradients R (N, n, Kp) → gradient in solver coordinates (data term)."""
         N, n, Kp = R.shape
-        dE = R.sum(0)
-        x0t = self.x0t if R.dtype == self.dtype else self.x0th
-        G = (x0t @ R.reshape(N, n * Kp)).view(self.D, n, Kp)
-        return (G - k.shift * dE).mul_(k.a), dE * self.hc
+        G = (self.x0t @ R.reshape(N, n * Kp)).view(-1, n, Kp)
+        return G.sub_(k.shift * G[-1:]).mul_(k.a)  # the last row of G is ΣR, the intercept gradient
 
-    def value(self, Z: torch.Tensor, c: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
+    def value(self, th: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
         """Objectives (n,) and logits."""
-        L = self.logits(Z, c, k)
+        L = self.logits(th, k)
         if self.binary:
             loss = torch.nn.functional.softplus(L) - self.onehot * L
         else:
             loss = torch.logsumexp(L, dim=2, keepdim=True) - (L * self.onehot).sum(2, keepdim=True)
-        f = (loss * k.wt).sum((0, 2)) + 0.5 * (k.pen * Z * Z).sum((0, 2))
-        return f, L
+        return (loss * k.wt).sum((0, 2)) + 0.5 * (k.pen * th * th).sum((0, 2)), L
 
     def probabilities(self, L: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(L) if self.binary else torch.softmax(L, dim=2)
 
-    def gradient(self, Z: torch.Tensor, prob: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, ...]:
-        """Gradient (solver coordinates) and the natural gradient's max and L1 norms (n,) each."""
-        gZ, gc = self.back((prob - self.onehot).mul_(k.wt), k)
-        gZ += k.pen * Z
-        nat_w, nat_c = (gZ / self.g[:, k.idx, None]).abs(), (gc / self.hc).abs()
-        gmax = torch.maximum(nat_w.amax((0, 2)), nat_c.amax(1))
-        return gZ, gc, gmax, nat_w.sum((0, 2)) + nat_c.sum(1)
+    def gradient(self, th: torch.Tensor, prob: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """Gradient (solver coordinates) and the natural gradient's max and L1 norms, (n,) each."""
+        grad = self.back((prob - self.onehot).mul_(k.wt), k).add_(k.pen * th)
+        natural = (grad / k.g).abs_()
+        return grad, natural.amax((0, 2)), natural.sum((0, 2))
 
-    def hvp(self, vZ: torch.Tensor, vc: torch.Tensor, prob: torch.Tensor, k: _Consts,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hessian-vector products (single precision) at the points with probabilities ``prob``."""
-        dL = self.logits(vZ, vc, k)
+    def hvp(self, v: torch.Tensor, prob: torch.Tensor, k: _Consts) -> torch.Tensor:
+        """Hessian-vector products at the points with probabilities ``prob``."""
+        dL = self.logits(v, k)
         if self.binary:
-            R = prob * (1 - prob) * dL
+            R = dL.mul_(prob * (1 - prob))
         else:
-            pdl = prob * dL
+            pdl = dL.mul_(prob)
             R = pdl.sub_(prob * pdl.sum(2, keepdim=True))
-        hZ, hc = self.back(R.mul_(k.wt), k)
-        return hZ.add_(k.pen * vZ), hc
+        return self.back(R.mul_(k.wt), k).add_(k.pen * v)
 
     # ---------------------------------------------------------------- Newton-CG
     def run(self, max_iter: int, tol: float, init: tuple[torch.Tensor, torch.Tensor] | None) -> LinearModels:
         B, dev = self.B, self.device
-        Z, c = self._start(init)
-        allk = _Consts(self, torch.arange(B, device=dev), self.dtype)
-        f, L = self.value(Z, c, allk)
+        th = self._start(init)
+        allk = _Consts(self, torch.arange(B, device=dev))
+        f, L = self.value(th, allk)
         prob = self.probabilities(L)
-        gZ, gc, gmax, gl1 = self.gradient(Z, prob, allk)
+        grad, gmax, gl1 = self.gradient(th, prob, allk)
         n_iter = torch.zeros(B, dtype=torch.long, device=dev)
         active = gmax > tol
         while bool(active.any()):
             idx = active.nonzero().squeeze(1)
-            k = _Consts(self, idx, self.dtype)
-            dZ, dc = self._direction(gZ[:, idx], gc[idx], gl1[idx], prob[:, idx], k)
-            ok, t, f_new = self._line_search(Z[:, idx], c[idx], f[idx], gZ[:, idx], gc[idx], dZ, dc, k)
+            k = _Consts(self, idx)
+            d = self._direction(grad[:, idx], gl1[idx], prob[:, idx], k)
+            ok, t, f_new = self._line_search(th[:, idx], f[idx], grad[:, idx], d, k)
             active[idx[~ok]] = False  # no decrease possible: optimal to working precision
             if not bool(ok.any()):
                 break
             k, t, f_new = k.take(ok), t[ok], f_new[ok]
             idx = k.idx
-            Zn = Z[:, idx] + t[None, :, None] * dZ[:, ok]
-            cn = c[idx] + t[:, None] * dc[ok]
-            _, Ln = self.value(Zn, cn, k)
-            pn = self.probabilities(Ln)
-            gZn, gcn, gmaxn, gl1n = self.gradient(Zn, pn, k)
+            th_new = th[:, idx].add_(t[None, :, None] * d[:, ok])
+            _, L_new = self.value(th_new, k)
+            p_new = self.probabilities(L_new)
+            g_new, gmax_new, gl1_new = self.gradient(th_new, p_new, k)
             stalled = (f[idx] - f_new) <= FTOL * torch.maximum(f[idx].abs(), f_new.abs()).clamp(min=1.0)
-            Z[:, idx], c[idx], f[idx], prob[:, idx] = Zn, cn, f_new, pn
-            gZ[:, idx], gc[idx], gmax[idx], gl1[idx] = gZn, gcn, gmaxn, gl1n
+            th[:, idx], f[idx], prob[:, idx] = th_new, f_new, p_new
+            grad[:, idx], gmax[idx], gl1[idx] = g_new, gmax_new, gl1_new
             n_iter[idx] += 1
-            active[idx] = (gmaxn > tol) & ~stalled & (n_iter[idx] < max_iter)
-        return self._models(Z, c, int(n_iter.max()), gmax, tol)
+            active[idx] = (gmax_new > tol) & ~stalled & (n_iter[idx] < max_iter)
+        return self._models(th, int(n_iter.max()), gmax, tol)
 
-    def _direction(self, gZ: torch.Tensor, gc: torch.Tensor, gl1: torch.Tensor, prob: torch.Tensor,
-                   k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
+    def _direction(self, grad: torch.Tensor, gl1: torch.Tensor, prob: torch.Tensor, k: _Consts) -> torch.Tensor:
         """Newton steps: conjugate gradients on H d = -g to relative residual min(0.5, √‖g‖₁) (as scikit-learn)."""
-        h = self.hdtype
-        n = len(k.idx)
-        outZ, outc = torch.zeros_like(gZ), torch.zeros_like(gc)
-        # compact working set, in the Hessian's precision; finished problems are dropped in bulk
-        pos = torch.arange(n, device=gZ.device)
-        kc = _Consts(self, k.idx, h)
-        pr = prob.to(h)
-        if h == torch.float32:  # tiny probabilities would make denormal products, which are very slow
-            pr = torch.where(pr < 1e-12, 0.0, pr)
-        xZ, xc = torch.zeros_like(gZ, dtype=h), torch.zeros_like(gc, dtype=h)
-        rZ, rc = (-gZ).to(h), (-gc).to(h)
-        pZ, pc = rZ.clone(), rc.clone()
-        rs = (rZ * rZ).sum((0, 2)) + (rc * rc).sum(1)
-        stop = rs.sqrt() * gl1.to(h).sqrt().clamp(max=0.5)
-        live = torch.ones(n, dtype=torch.bool, device=gZ.device)
+        out = torch.zeros_like(grad)
+        # a compact working set: problems whose solve has finished are dropped in bulk
+        pos, kc, pr = torch.arange(grad.shape[1], device=grad.device), k, prob
+        r = -grad
+        x, p = torch.zeros_like(r), r.clone()
+        rs = (r * r).sum((0, 2))
+        stop = rs.sqrt() * gl1.sqrt().clamp(max=0.5)
+        live = torch.ones_like(rs, dtype=torch.bool)
         for _ in range(MAX_CG):
-            hZ, hc = self.hvp(pZ, pc, pr, kc)
-            pHp = (pZ * hZ).sum((0, 2)) + (pc * hc).sum(1)
-            good = live & (pHp > 0)
-            alpha = torch.where(good, rs / pHp.clamp(min=1e-30), 0.0)
-            xZ.add_(alpha[None, :, None] * pZ)
-            xc.add_(alpha[:, None] * pc)
-            rZ.sub_(alpha[None, :, None] * hZ)
-            rc.sub_(alpha[:, None] * hc)
-            rs_new = (rZ * rZ).sum((0, 2)) + (rc * rc).sum(1)
-            live &= good & (rs_new.sqrt() > stop)
-            beta = torch.where(live, rs_new / rs.clamp(min=1e-30), 0.0)
-            pZ = rZ + beta[None, :, None] * pZ
-            pc = rc + beta[:, None] * pc
+            hp = self.hvp(p, pr, kc)
+            php = (p * hp).sum((0, 2))
+            live &= php > 0  # the objective is strictly convex (up to the softmax-invariant direction)
+            alpha = torch.where(live, rs / php.clamp(min=1e-30), 0.0)[None, :, None]
+            x.add_(alpha * p)
+            r.sub_(alpha * hp)
+            rs_new = (r * r).sum((0, 2))
+            live &= rs_new.sqrt() > stop
+            p = r + torch.where(live, rs_new / rs.clamp(min=1e-30), 0.0)[None, :, None] * p
             rs = rs_new
             n_live = int(live.sum())
-            if n_live < len(pos) and (n_live == 0 or n_live <= 0.75 * len(pos)):
+            if n_live <= 0.75 * len(pos):
                 done = ~live
-                outZ[:, pos[done]], outc[pos[done]] = xZ[:, done].to(gZ.dtype), xc[done].to(gc.dtype)
+                out[:, pos[done]] = x[:, done]
                 if n_live == 0:
                     break
-                keep = live
-                pos, kc, pr = pos[keep], kc.take(keep), pr[:, keep]
-                xZ, xc, rZ, rc, pZ, pc = xZ[:, keep], xc[keep], rZ[:, keep], rc[keep], pZ[:, keep], pc[keep]
-                rs, stop, live = rs[keep], stop[keep], live[keep]
+                pos, kc, pr, x, r, p = pos[live], kc.take(live), pr[:, live], x[:, live], r[:, live], p[:, live]
+                rs, stop, live = rs[live], stop[live], live[live]
         else:
-            outZ[:, pos], outc[pos] = xZ.to(gZ.dtype), xc.to(gc.dtype)
-        empty = (outZ == 0).all(2).all(0) & (outc == 0).all(1)  # no curvature found: steepest descent
-        outZ[:, empty], outc[empty] = -gZ[:, empty], -gc[empty]
-        return outZ, outc
+            out[:, pos] = x
+        empty = (out == 0).all(2).all(0)  # no curvature found: steepest descent
+        out[:, empty] = -grad[:, empty]
+        return out
 
-    def _line_search(self, Z: torch.Tensor, c: torch.Tensor, f: torch.Tensor, gZ: torch.Tensor, gc: torch.Tensor,
-                     dZ: torch.Tensor, dc: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, ...]:
+    def _line_search(self, th: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, d: torch.Tensor,
+                     k: _Consts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backtracking (Armijo, quadratic interpolation) from the Newton step t = 1, per problem."""
-        slope = (gZ * dZ).sum((0, 2)) + (gc * dc).sum(1)
+        slope = (grad * d).sum((0, 2))
         t = torch.ones_like(f)
         f_new = torch.full_like(f, math.inf)
         ok = torch.zeros_like(f, dtype=torch.bool)
@@ -323,8 +308,7 @@ class _Solve:
             if len(pending) == 0:
                 break
             tp = t[pending]
-            fp, _ = self.value(Z[:, pending] + tp[None, :, None] * dZ[:, pending],
-                               c[pending] + tp[:, None] * dc[pending], k.take(pending))
+            fp, _ = self.value(th[:, pending] + tp[None, :, None] * d[:, pending], k.take(pending))
             accept = fp <= f[pending] + ARMIJO * tp * slope[pending]
             ok[pending[accept]] = True
             f_new[pending[accept]] = fp[accept]
@@ -336,28 +320,27 @@ class _Solve:
             pending = rest
         return ok, t, f_new
 
-    def _start(self, init: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, init: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Zeros, or solver coordinates of ``init`` = (z-score weights (B, D, Kp), intercepts (B, Kp))."""
         B, D, Kp = self.B, self.D, self.Kp
-        Z = torch.zeros(D, B, Kp, device=self.device, dtype=self.dtype)
-        c = torch.zeros(B, Kp, device=self.device, dtype=self.dtype)
+        th = torch.zeros(D + 1, B, Kp, device=self.device, dtype=self.dtype)
         if init is None:
-            return Z, c
+            return th
         W0, c0 = (t.to(self.device, self.dtype) for t in init)
         if self.binary and W0.shape[-1] == 2:  # two symmetric columns → one binomial vector
             W0, c0 = W0[:, :, 1:] - W0[:, :, :1], c0[:, 1:] - c0[:, :1]
         if W0.shape != (B, D, Kp) or c0.shape != (B, Kp):
-            return Z, c
-        return (W0.permute(1, 0, 2) / self.g[:, :, None]).contiguous(), c0 / self.hc
+            return th
+        return torch.cat([W0.permute(1, 0, 2), c0[None]], 0) / self.g[:, :, None]
 
-    def _models(self, Z: torch.Tensor, c: torch.Tensor, n_iter: int, max_grad: torch.Tensor,
-                tol: float) -> LinearModels:
+    def _models(self, th: torch.Tensor, n_iter: int, max_grad: torch.Tensor, tol: float) -> LinearModels:
         """Weights and intercepts in the original feature space (binary: ± half the logit, as softmax of two)."""
-        U = Z * self.a[:, :, None]  # (D, B, Kp), x0 units
-        e = c * self.hc - (U * self.shift[:, :, None]).sum(0)
-        weight = (U / self.sigma[:, None, None]).permute(1, 0, 2)  # (B, D, Kp)
-        bias = e - torch.einsum("d,bdk->bk", self.mu, weight)
-        internal = ((Z * self.g[:, :, None]).permute(1, 0, 2).contiguous(), c * self.hc)
+        U = th * self.a[:, :, None]  # (D1, B, Kp), x0 units
+        bias = U[-1] - (U * self.shift[:, :, None]).sum(0)
+        weight = (U[:-1] / self.sigma[:, None, None]).permute(1, 0, 2)  # (B, D, Kp), raw units
+        bias = bias - torch.einsum("d,bdk->bk", self.mu, weight)
+        natural = th * self.g[:, :, None]
+        internal = (natural[:-1].permute(1, 0, 2).contiguous(), natural[-1].clone())
         if self.binary:
             weight = torch.cat([-weight, weight], 2) / 2
             bias = torch.cat([-bias, bias], 1) / 2
