@@ -76,7 +76,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     run.add_argument("--weights", help="local checkpoint for the model (or 'hub' for timm's pretrained download)")
     run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    run.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="DataLoader workers (default: cores - 1; 0, decoding in line, on 2 cores or fewer)")
     run.add_argument("--overwrite", action="store_true", help="recompute results that already exist")
     run.add_argument("--skip-bad-images", action="store_true",
                      help="skip unreadable images (recorded in the result) instead of failing")
