@@ -46,7 +46,6 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     fundus_crop: bool = False
-    grayscale_to_rgb: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description."""

@@ -69,7 +69,7 @@ class ProtocolOutput:
     settings: dict[str, Any]
 
 
-def evaluate_runs(spec: TaskSpec, metrics: tuple[str, ...], runs_raw: list[tuple], y: np.ndarray) -> list[Run]:
+def evaluate_runs(metrics: tuple[str, ...], runs_raw: list[tuple], y: np.ndarray) -> list[Run]:
     """Build :class:`Run` objects computing ``metrics`` from (seed, k, indices, proba, extra) tuples."""
     out = []
     for seed, k, idx, proba, extra in runs_raw:

@@ -55,7 +55,7 @@ class FewShot:
         probas = solve_probes(ctx.features(), y, n_classes, probes, ctx.device, balanced=True, standardize=True,
                               stats=solver)
         raw = [(s, k, test, p, {"support": sup.tolist()}) for (k, s, sup), p in zip(plans, probas)]
-        runs = evaluate_runs(ctx.spec, ctx.spec.metrics, raw, y)
+        runs = evaluate_runs(ctx.spec.metrics, raw, y)
         settings = {"shots": shots, "skipped_shots": skipped, "seeds": list(self.seeds), "C": self.C,
                     "rule": "support-set z-score, class-balanced logistic regression, fixed C; no validation data",
                     "solver": solver}

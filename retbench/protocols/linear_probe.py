@@ -57,7 +57,7 @@ class LinearProbe:
         probes = [Probe(fit, C, test) for _, fit, C, test in plans]
         probas = solve_probes(x, y, n_classes, probes, ctx.device, self.balanced, self.standardize, solver)
         raw = [(seed, None, test, p, {"C": C, "n_fit": int(len(fit))}) for (seed, fit, C, test), p in zip(plans, probas)]
-        runs = evaluate_runs(ctx.spec, self.metric_names(ctx), raw, y)
+        runs = evaluate_runs(self.metric_names(ctx), raw, y)
         settings = {"seeds": sorted({r.seed for r in runs}), "Cs": list(self.Cs) if not self.flair_folds else list(self.Cs[:1]),
                     "balanced": self.balanced, "standardize": self.standardize, "val_fraction": self.val_fraction,
                     "flair_folds": self.flair_folds, "patient_grouped": self._grouped(ctx), "solver": solver}

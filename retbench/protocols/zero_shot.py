@@ -46,7 +46,7 @@ class ZeroShot:
         logits = self.logit_scale * img @ classes.T
         proba = np.exp(logits - logits.max(axis=1, keepdims=True))
         proba /= proba.sum(axis=1, keepdims=True)
-        runs = evaluate_runs(ctx.spec, ctx.spec.metrics, [(0, None, test, proba, {})], ctx.examples.labels)
+        runs = evaluate_runs(ctx.spec.metrics, [(0, None, test, proba, {})], ctx.examples.labels)
         return ProtocolOutput(runs, {"prompts": prompts, "logit_scale": self.logit_scale})
 
 
