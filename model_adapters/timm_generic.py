@@ -40,6 +40,8 @@ class TimmAdapter(Adapter):
 
     family = "timm"
     open_ended = True
+    example_arg = "resnet18"
+    channels_last = True
     tags: ClassVar[dict[str, WeightsTag]] = {
         "<any timm model>": WeightsTag("<any timm model>", "timm (random init | --weights FILE | --weights hub)",
                                        licence="per model", feature="pooled pre-logits"),
@@ -62,7 +64,7 @@ class TimmAdapter(Adapter):
         torch.manual_seed(0)
         hub = self.weights == "hub"
         self.model = timm.create_model(self.tag.name, pretrained=hub, num_classes=0)
-        if self.weights and not hub:
+        if self.weights and not hub and not self.random_init:
             state = load_state_dict(self.weights)
             own = self.model.state_dict()
             state = {k: v for k, v in state.items() if k in own}
@@ -76,7 +78,9 @@ class TimmAdapter(Adapter):
         """sha256 of local weights; otherwise random-init seed or hub tag."""
         if self.weights == "hub":
             return f"timm-hub:{self.tag.name}"
-        return super().weights_identity() if self.weights else f"random-init(seed=0):{self.tag.name}"
+        if not self.weights or self.random_init:
+            return f"random-init(seed=0):{self.tag.name}"
+        return super().weights_identity()
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logit features."""

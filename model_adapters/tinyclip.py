@@ -61,13 +61,13 @@ class TinyClipAdapter(Adapter):
         torch.manual_seed(0)
         self.net = TinyClipNet()
         torch.random.set_rng_state(gen_state)
-        if self.weights:
+        if self.weights and not self.random_init:
             self.net.load_state_dict(load_state_dict(self.weights))
         self.net.eval().to(self.device)
 
     def weights_identity(self) -> str:
         """sha256 of local weights, else the seed."""
-        return super().weights_identity() if self.weights else "random-init(seed=0)"
+        return super().weights_identity() if self.weights and not self.random_init else "random-init(seed=0)"
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Un-projected pooled CNN features."""

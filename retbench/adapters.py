@@ -21,13 +21,19 @@ from typing import Any, ClassVar
 import torch
 
 from retbench.errors import RetbenchError
-from retbench.preprocess import Preprocess
+from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
 from retbench.registry import Registry
+from retbench.weights import RANDOM, resolve_file
 
 
 @dataclass(frozen=True)
 class WeightsTag:
-    """One set of weights of a family: source, preprocessing and provenance."""
+    """One set of weights of a family: where they come from, their preprocessing and provenance.
+
+    ``filename`` is the official file name (looked up under ``RETBENCH_WEIGHTS`` and in the
+    Hugging Face cache of ``hub_id``); ``url`` is where a person downloads it; ``differs``
+    says where retbench's default departs from the release's own code, if anywhere.
+    """
 
     name: str
     source: str
@@ -36,6 +42,13 @@ class WeightsTag:
     paper: str = ""
     feature: str = ""
     description: str = ""
+    filename: str = ""
+    hub_id: str = ""
+    url: str = ""
+    gated: bool = False
+    code: str = ""
+    differs: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter(ABC):
@@ -52,13 +65,32 @@ class Adapter(ABC):
     default_tag: ClassVar[str] = "default"
     has_text: ClassVar[bool] = False
     open_ended: ClassVar[bool] = False  # family:ARG names, e.g. timm:resnet18
+    example_arg: ClassVar[str] = ""  # an argument the contract tests build for open-ended families
+    # CUDA execution: autocast dtype (None = fp32) and whether channels_last memory helps (CNNs)
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
+    channels_last: ClassVar[bool] = False
 
     def __init__(self, tag: WeightsTag, weights: str | None = None, device: str = "cpu") -> None:
         self.tag = tag
         self.weights = weights
         self.device = torch.device(device)
         self.preprocess: Preprocess = tag.preprocess
+        self.weights_path: Path | None = None  # the checkpoint actually read, set by weights_file()
         self.build()
+
+    @property
+    def random_init(self) -> bool:
+        """``--weights random``: the architecture with seeded random weights (baselines, smoke tests)."""
+        return self.weights == RANDOM
+
+    def weights_file(self, filename: str | None = None, *, what: str = "weights") -> Path:
+        """The checkpoint for this tag: ``--weights``, ``RETBENCH_WEIGHTS`` or the hub cache (clear error if none)."""
+        path = resolve_file(
+            self.name, filename or self.tag.filename, explicit=self.weights, hub_id=self.tag.hub_id,
+            url=self.tag.url, subdirs=(self.family, f"{self.family}.{self.tag.name}"), what=what, gated=self.tag.gated,
+        )
+        self.weights_path = path
+        return path
 
     @property
     def name(self) -> str:
@@ -83,9 +115,12 @@ class Adapter(ABC):
         raise RetbenchError(f"model '{self.name}' has no text tower")
 
     def weights_identity(self) -> str:
-        """A string that changes whenever the weights change (sha256 of a file when local)."""
-        if self.weights:
-            return f"sha256:{file_sha256(Path(self.weights))}"
+        """A string that changes whenever the weights change: the sha256 of the file read."""
+        if self.random_init:
+            return f"random-init(seed=0):{self.family}.{self.tag.name}"
+        path = self.weights_path or (Path(self.weights) if self.weights else None)
+        if path is not None and path.is_file():
+            return f"sha256:{file_sha256(path)}"
         return self.tag.source
 
     def describe(self) -> dict[str, Any]:
@@ -96,7 +131,11 @@ class Adapter(ABC):
             "tag": self.tag.name,
             "source": self.tag.source,
             "weights": self.weights,
+            "weights_path": str(self.weights_path) if self.weights_path else None,
             "weights_identity": self.weights_identity(),
+            "hub_id": self.tag.hub_id,
+            "url": self.tag.url,
+            "code": self.tag.code,
             "licence": self.tag.licence,
             "feature": self.tag.feature,
             "has_text": self.has_text,
@@ -112,13 +151,21 @@ class Adapter(ABC):
         )
 
 
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (memoised per path, size and mtime: checkpoints are large)."""
+    path = Path(path)
+    stat = path.stat()
+    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _SHA_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _SHA_MEMO[memo_key] = digest.hexdigest()
+    return _SHA_MEMO[memo_key]
 
 
 ADAPTERS: Registry[type[Adapter]] = Registry("model", entry_point_group="retbench.adapters")
@@ -185,8 +232,25 @@ def list_models() -> list[dict[str, Any]]:
                 "model": f"{family}{sep}{tag.name}",
                 "source": tag.source,
                 "licence": tag.licence,
-                "input": f"{tag.preprocess.size}px {tag.preprocess.resize}",
+                "input": describe_input(tag.preprocess),
                 "feature": tag.feature,
                 "text": "yes" if cls.has_text else "no",
             })
     return rows
+
+
+def describe_input(pre: Preprocess) -> str:
+    """A short human description of a preprocessing, e.g. ``224 resize_crop(0.875) bicubic imagenet``."""
+    resize = f"resize_crop({pre.crop_pct:g})" if pre.resize == "resize_crop" and pre.crop_pct != 1 else pre.resize
+    norm = {
+        (IMAGENET_MEAN, IMAGENET_STD): "imagenet", (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD): "clip",
+        ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)): "[0,1]", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): "0.5/0.5",
+    }.get((tuple(pre.mean), tuple(pre.std)), "custom mean/std")
+    if pre.normalization == "per_image":
+        norm = "per-image z-score"
+    parts = [f"{pre.size}", resize, pre.interpolation, norm]
+    if pre.fundus_crop != "none":
+        parts.append(f"crop:{pre.fundus_crop}")
+    if pre.grayscale:
+        parts.append("grey")
+    return " ".join(parts)

@@ -99,6 +99,9 @@ def extract(
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
     )
     encode = adapter.encode_image_joint if joint else adapter.encode_image
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=adapter.autocast_dtype, enabled=cuda and adapter.autocast_dtype is not None)
+    memory_format = torch.channels_last if cuda and adapter.channels_last else torch.contiguous_format
     outputs, rows, bad = [], [], []
     start = time.perf_counter()
     with progress_bar(f"extract {adapter.name} {'joint' if joint else 'features'}", len(examples)) as advance:
@@ -108,8 +111,9 @@ def extract(
                     raise DataError(f"unreadable image {_path_of(examples, i)}: {err} (use --skip-bad-images to skip)")
                 bad.append(examples.ids[i])
             if pixels is not None:
-                x = normalize(pixels.to(device, non_blocking=True), preprocess)
-                outputs.append(encode(x).float())
+                x = normalize(pixels.to(device, non_blocking=True), preprocess).contiguous(memory_format=memory_format)
+                with autocast:
+                    outputs.append(encode(x).float())
                 rows += idx
             advance(len(idx) + len(errors))
     if not outputs:

@@ -183,7 +183,22 @@ TOP_KEYS = {
 }
 SOURCE_KEYS = set(SourceSpec.__dataclass_fields__)
 SPLIT_KEYS = set(SplitSpec.__dataclass_fields__)
-PREPROCESS_KEYS = {"fundus_crop", "resize", "size", "interpolation", "crop_pct", "mean", "std"}
+PREPROCESS_KEYS = {"fundus_crop", "resize", "size", "interpolation", "crop_pct", "mean", "std", "grayscale", "normalization"}
+
+
+def _check_preprocess(pre: _Reader) -> None:
+    """Preprocessing hints must make a valid :class:`Preprocess` (bad crop names, sizes...)."""
+    from retbench.preprocess import FUNDUS_CROPS, Preprocess
+
+    crop = pre.data.get("fundus_crop", False)
+    if not isinstance(crop, bool) and crop not in FUNDUS_CROPS:
+        raise pre.fail("fundus_crop", f"expected true/false or one of {', '.join(FUNDUS_CROPS)}, got {crop!r}")
+    pre.get("normalization", str, "mean_std", choices=("mean_std", "per_image"))
+    pre.get("resize", str, "resize_crop", choices=("resize_crop", "pad_canvas", "squash"))
+    try:
+        Preprocess().with_hints(pre.data)
+    except (TypeError, ValueError) as exc:
+        raise pre.fail("preprocess", str(exc)) from None
 
 
 def parse_spec(path: Path) -> TaskSpec:
@@ -214,6 +229,7 @@ def parse_spec(path: Path) -> TaskSpec:
         raise r.fail("classes", f"problem 'binary' needs exactly 2 classes, got {len(classes)}")
     pre = r.sub("preprocess")
     pre.check_unknown(PREPROCESS_KEYS)
+    _check_preprocess(pre)
     return TaskSpec(
         name=r.get("name", str),
         version=str(r.get("version", (int, str))),

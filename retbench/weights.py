@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,8 +13,8 @@ from retbench.errors import RetbenchError
 NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path`` (unwrapping ``model`` / ``state_dict`` nesting)."""
+def load_checkpoint(path: str | Path) -> Any:
+    """The object stored at ``path``, read without executing code (safetensors or ``weights_only``)."""
     path = Path(path)
     if not path.is_file():
         raise RetbenchError(f"weights file not found: {path}")
@@ -21,12 +23,99 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise RetbenchError(f"cannot load weights {path} safely: {type(exc).__name__}: {exc}") from None
-    for key in NESTED_KEYS:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+        raise RetbenchError(f"cannot load weights {path} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``path``: ``obj[key]`` when given, else unwrap ``model``/``state_dict`` nesting."""
+    obj = load_checkpoint(path)
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+            raise RetbenchError(f"{path}: checkpoint has no key '{key}' (top-level keys: {keys})")
+        obj = obj[key]
+    else:
+        for nested in NESTED_KEYS:
+            if isinstance(obj, dict) and nested in obj and isinstance(obj[nested], dict):
+                obj = obj[nested]
     if not isinstance(obj, dict):
         raise RetbenchError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+RANDOM = "random"
+
+
+def weights_dir() -> Path | None:
+    """The ``RETBENCH_WEIGHTS`` directory, when set."""
+    value = os.environ.get("RETBENCH_WEIGHTS")
+    return Path(value).expanduser() if value else None
+
+
+def _hub_file(hub_id: str, filename: str) -> Path | None:
+    """``filename`` of hub repo ``hub_id`` from the Hugging Face cache, downloading only when online."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    for local_only in (True,) if offline else (True, False):
+        try:
+            return Path(hf_hub_download(hub_id, filename, local_files_only=local_only))
+        except Exception:  # noqa: BLE001 - not cached, gated, offline: all mean "not available here"
+            continue
+    return None
+
+
+def resolve_file(
+    model: str,
+    filename: str,
+    *,
+    explicit: str | None = None,
+    hub_id: str = "",
+    url: str = "",
+    subdirs: tuple[str, ...] = (),
+    what: str = "weights",
+    gated: bool = False,
+) -> Path:
+    """Find ``filename`` for ``model``: an explicit path, then ``RETBENCH_WEIGHTS``, then the hub cache.
+
+    ``explicit`` may be a file or a directory holding ``filename``. Under ``RETBENCH_WEIGHTS``
+    the file may sit at the top, under any of ``subdirs`` or under the hub id. When nothing
+    is found, the error names the file, where to download it and where to put it.
+    """
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_dir() and filename:
+            path = path / filename
+        if not path.exists():
+            raise RetbenchError(f"{what} file not found: {path}")
+        return path
+    root = weights_dir()
+    if root is not None:
+        for sub in ("", *subdirs, hub_id):
+            candidate = root / sub / filename if sub else root / filename
+            if candidate.exists():
+                return candidate
+    if hub_id:
+        found = _hub_file(hub_id, filename)
+        if found is not None:
+            return found
+    raise WeightsMissingError(model, filename, hub_id=hub_id, url=url, root=root, what=what, gated=gated)
+
+
+class WeightsMissingError(RetbenchError):
+    """A checkpoint (or tokenizer file) is not available offline; says what to fetch and where to put it."""
+
+    def __init__(self, model: str, filename: str, *, hub_id: str, url: str, root: Path | None, what: str,
+                 gated: bool) -> None:
+        where = url or (f"https://huggingface.co/{hub_id}" if hub_id else "its authors' release page")
+        if gated:
+            where += " (gated: request access on that page first)"
+        dest = f"$RETBENCH_WEIGHTS ({root})" if root else "a folder named by $RETBENCH_WEIGHTS"
+        super().__init__(
+            f"model '{model}' needs {what} '{filename}', not found offline: download it from {where}, put it in "
+            f"{dest} and run again, or pass --weights PATH (--weights random builds the architecture untrained)"
+        )
+        self.filename = filename
