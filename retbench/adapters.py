@@ -16,7 +16,7 @@ import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -24,6 +24,10 @@ from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
 from retbench.registry import Registry
 from retbench.weights import RANDOM, resolve_file
+
+if TYPE_CHECKING:
+    from retbench.protocols.base import ZeroShotSetup
+    from retbench.spec import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,17 @@ class Adapter(ABC):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Text embeddings in the image-text space; text models only."""
         raise RetbenchError(f"model '{self.name}' has no text tower")
+
+    def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
+        """The release's zero-shot convention on ``spec``: prompts per class, renormalisation, logit scale.
+
+        The default is CLIP's: the task's prompts (its template applied), class means
+        renormalised, scale 100. Adapters override it where their release differs (FLAIR's
+        caption and un-renormalised means, EyeCLIP's bare class names, learned scales).
+        """
+        from retbench.protocols.base import ZeroShotSetup
+
+        return ZeroShotSetup(spec.class_prompts())
 
     def weights_identity(self) -> str:
         """A string that changes whenever the weights change: the sha256 of the file read."""

@@ -178,6 +178,7 @@ def _run_one(source: FeatureSource, protocol_name: str, path: Path, config: RunC
         joint_features=(lambda: source.get(True).values) if adapter.has_text else None,
         encode_text=source.text if adapter.has_text else None,
         device=device, valid=lambda: features.valid,
+        zero_shot=adapter.zero_shot_setup(task.spec) if adapter.has_text else None,
     )
     fit_start = time.perf_counter()
     output = protocol.run(ctx)

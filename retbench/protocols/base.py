@@ -18,6 +18,15 @@ from retbench.solver import balanced_weights, fit_logistic
 from retbench.spec import TaskSpec
 
 
+@dataclass(frozen=True)
+class ZeroShotSetup:
+    """A model's zero-shot convention: its prompts per class, class-mean renormalisation, logit scale."""
+
+    prompts: list[list[str]]
+    renormalize: bool = True
+    logit_scale: float = 100.0
+
+
 @dataclass
 class Context:
     """Inputs of one protocol run; feature getters are lazy so protocols extract only what they use."""
@@ -30,6 +39,7 @@ class Context:
     encode_text: Callable[[list[str]], np.ndarray] | None
     device: torch.device
     valid: Callable[[], np.ndarray]
+    zero_shot: ZeroShotSetup | None = None
 
     def split(self, name: str) -> np.ndarray:
         """Indices of a split, without rows whose image could not be read."""

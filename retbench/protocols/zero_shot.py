@@ -1,8 +1,10 @@
 """Zero-shot classification from class prompts (CLIP_benchmark / FLAIR style).
 
 Each prompt is embedded and L2-normalised; a class embedding is the mean of its prompt
-embeddings, renormalised; image embeddings (in the image-text space) are L2-normalised;
-probabilities are the softmax of 100 × cosine similarity. Scored on the test split.
+embeddings, renormalised (CLIP's ensembling; FLAIR leaves the mean un-renormalised); image
+embeddings (in the image-text space) are L2-normalised; probabilities are the softmax of
+logit_scale × similarity. Prompts, renormalisation and the scale follow the model's release
+(:meth:`retbench.adapters.Adapter.zero_shot_setup`); scored on the test split.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retbench.protocols.base import Context, ProtocolOutput, evaluate_runs
+from retbench.protocols.base import Context, ProtocolOutput, ZeroShotSetup, evaluate_runs
 
 
-def class_embeddings(encode_text, prompts: list[list[str]]) -> np.ndarray:
-    """(K, D) ensembled, renormalised class embeddings from per-class prompt lists."""
+def class_embeddings(encode_text, prompts: list[list[str]], renormalize: bool = True) -> np.ndarray:
+    """(K, D) ensembled class embeddings from per-class prompt lists (renormalised unless told not to)."""
     flat = [p for ps in prompts for p in ps]
     emb = np.asarray(encode_text(flat), dtype=np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out, start = [], 0
     for ps in prompts:
         mean = emb[start: start + len(ps)].mean(axis=0)
-        out.append(mean / np.linalg.norm(mean))
+        out.append(mean / np.linalg.norm(mean) if renormalize else mean)
         start += len(ps)
     return np.stack(out)
 
@@ -32,22 +34,24 @@ class ZeroShot:
     """Prompt-ensemble zero-shot classifier."""
 
     name: str = "zero_shot"
-    description: str = "prompt ensembles: normalise, average per class, renormalise; softmax(100 cos) on test"
-    logit_scale: float = 100.0
+    description: str = ("prompt ensembles: normalise, average per class (renormalised unless the release does not); "
+                        "softmax(logit_scale x similarity) on test")
     needs_text: bool = True
 
     def run(self, ctx: Context) -> ProtocolOutput:
-        """Score the test split against the task's class prompts."""
+        """Score the test split against the class prompts of the model's convention."""
         test = ctx.split("test")
-        prompts = ctx.spec.class_prompts()
-        classes = class_embeddings(ctx.encode_text, prompts)
+        setup = ctx.zero_shot or ZeroShotSetup(ctx.spec.class_prompts())
+        prompts = setup.prompts
+        classes = class_embeddings(ctx.encode_text, prompts, setup.renormalize)
         img = ctx.joint_features()[test].astype(np.float64)
         img /= np.linalg.norm(img, axis=1, keepdims=True)
-        logits = self.logit_scale * img @ classes.T
+        logits = setup.logit_scale * img @ classes.T
         proba = np.exp(logits - logits.max(axis=1, keepdims=True))
         proba /= proba.sum(axis=1, keepdims=True)
         runs = evaluate_runs(ctx.spec.metrics, [(0, None, test, proba, {})], ctx.examples.labels)
-        return ProtocolOutput(runs, {"prompts": prompts, "logit_scale": self.logit_scale})
+        return ProtocolOutput(runs, {"prompts": prompts, "logit_scale": setup.logit_scale,
+                                     "renormalize_class_embeddings": setup.renormalize})
 
 
 ZERO_SHOT = ZeroShot()
