@@ -74,12 +74,12 @@ _TAG = WeightsTag(
         std=(1.0, 1.0, 1.0),
     ),
     licence="Apache-2.0 (retbench)",
-    feature=(
-        f"{FEATURE_DIM}-d hand-crafted descriptor inside the fundus mask: colour moments and "
-        "histograms (RGB/HSV/opponent), 8x8 colour layout, multi-scale Laplacian sharpness, "
-        "4x4 HOG, multi-scale black/white top-hat vessel and lesion statistics, optic-disc window"
+    feature=f"{FEATURE_DIM}-d hand-crafted colour, texture, vessel and optic-disc descriptor",
+    description=(
+        "Classical features inside the fundus mask, a floor for foundation models: colour moments and "
+        "histograms (RGB/HSV/opponent), 8x8 colour layout, multi-scale Laplacian sharpness, 4x4 HOG, "
+        "multi-scale black/white top-hat vessel and lesion statistics, optic-disc window"
     ),
-    description="Classical colour/texture/vessel features; a floor for foundation models.",
 )
 
 

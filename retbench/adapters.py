@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from retbench.errors import RetbenchError
-from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
+from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FundusCrop, Preprocess
 from retbench.registry import Registry
 from retbench.weights import RANDOM, resolve_file
 
@@ -73,6 +73,8 @@ class Adapter(ABC):
     # CUDA execution: autocast dtype (None = fp32) and whether channels_last memory helps (CNNs)
     autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
     channels_last: ClassVar[bool] = False
+    # the crop a task's ``fundus_crop: true`` selects for this model (its release's own method, if any)
+    fundus_crop_method: ClassVar[FundusCrop] = "threshold"
 
     def __init__(self, tag: WeightsTag, weights: str | None = None, device: str = "cpu") -> None:
         self.tag = tag
@@ -117,6 +119,10 @@ class Adapter(ABC):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Text embeddings in the image-text space; text models only."""
         raise RetbenchError(f"model '{self.name}' has no text tower")
+
+    def task_preprocess(self, hints: dict[str, Any]) -> Preprocess:
+        """This model's preprocessing with a task's hints applied (e.g. the fundus crop)."""
+        return self.preprocess.with_hints(hints, self.fundus_crop_method)
 
     def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
         """The release's zero-shot convention on ``spec``: prompts per class, renormalisation, logit scale.
@@ -245,13 +251,24 @@ def list_models() -> list[dict[str, Any]]:
             sep = ":" if cls.open_ended else "."
             rows.append({
                 "model": f"{family}{sep}{tag.name}",
-                "source": tag.source,
+                "source": weights_source(tag),
                 "licence": tag.licence,
                 "input": describe_input(tag.preprocess),
                 "feature": tag.feature,
                 "text": "yes" if cls.has_text else "no",
+                "differs": tag.differs or "-",
             })
     return rows
+
+
+def weights_source(tag: WeightsTag) -> str:
+    """Where the weights come from: hub id (and file), else the download URL, else the tag's source text."""
+    if tag.hub_id:
+        where = f"hf:{tag.hub_id}" + (f"/{tag.filename}" if tag.filename else "")
+        return where + (" (gated)" if tag.gated else "")
+    if tag.url:
+        return f"{tag.url}" + (f" ({tag.filename})" if tag.filename and tag.filename not in tag.url else "")
+    return tag.source
 
 
 def describe_input(pre: Preprocess) -> str:

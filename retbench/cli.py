@@ -7,6 +7,9 @@ nothing below this module sees argparse.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import sys
 from pathlib import Path
 
@@ -21,9 +24,13 @@ err = Console(stderr=True, soft_wrap=True)
 EPILOG = """examples:
   retbench run --model classical --task eye4class
   retbench run --model classical,timm:resnet18 --task @bundled --protocol linear_probe,few_shot
+  retbench run --model retfound.cfp --weights ~/ckpt/RETFound_mae_natureCFP.pth --task @bundled
+  retbench run --model flair --task messidor --protocol zero_shot
   retbench list tasks
+  retbench list models --format markdown
   retbench leaderboard --results-dir results --out leaderboards
-Data root: --data-root DIR or $RETBENCH_DATA. Feature cache: --cache-dir or $RETBENCH_CACHE."""
+Data root: --data-root DIR or $RETBENCH_DATA. Feature cache: --cache-dir or $RETBENCH_CACHE.
+Checkpoints: --weights PATH, else $RETBENCH_WEIGHTS/<official file name>, else the Hugging Face cache."""
 
 
 def _csv_list(values: list[str] | None) -> tuple[str, ...]:
@@ -41,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list tasks, models, protocols, metrics or task groups",
                          description="List what is registered.")
     lst.add_argument("what", choices=["tasks", "models", "protocols", "metrics", "groups"])
-    lst.add_argument("--pattern", default="*", help="glob filter on names (e.g. 'mx_*')")
+    lst.add_argument("--pattern", default="*", help="glob filter on names (e.g. 'mx_*', 'retfound*')")
+    lst.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table",
+                     help="table (default), markdown (GitHub pipe table, as in the README), csv or json")
     val = sub.add_parser("validate", help="validate task specs (all shipped ones by default)",
                          description="Parse and validate YAML task specs; exit 1 if any is invalid.")
     val.add_argument("files", nargs="*", help="spec files (default: every shipped and RETBENCH_TASKS_PATH task)")
@@ -74,7 +83,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--results-dir", default="results", help="result store (default: ./results)")
     run.add_argument("--cache-dir", default="", help="feature cache (default: $RETBENCH_CACHE or ~/.cache/retbench)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    run.add_argument("--weights", help="local checkpoint for the model (or 'hub' for timm's pretrained download)")
+    run.add_argument("--weights", help="checkpoint file or folder for the model (default: the official file name under "
+                     "$RETBENCH_WEIGHTS, else the Hugging Face cache); 'random' = the architecture untrained; "
+                     "'hub' = timm's pretrained download for timm:<name>")
     run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     run.add_argument("--workers", type=int, default=None,
                      help="DataLoader workers (default: cores - 1; 0, decoding in line, on 2 cores or fewer)")
@@ -145,11 +156,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     rows, columns = LISTERS[args.what]()
     rows = [r for r in rows if fnmatch.fnmatch(str(r[columns[0]]), args.pattern)]
-    table = Table(*columns, show_lines=False)
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in columns))
-    out.print(table)
+    if args.format == "table":
+        table = Table(*columns, show_lines=False)
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in columns))
+        out.print(table)
+    else:
+        sys.stdout.write(format_rows(rows, columns, args.format))
     return 0
+
+
+def format_rows(rows: list[dict], columns: list[str], fmt: str) -> str:
+    """Rows as GitHub markdown, CSV or JSON text."""
+    if fmt == "json":
+        return json.dumps([{c: r[c] for c in columns} for r in rows], indent=1) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    from tabulate import tabulate
+
+    cells = [[str(r[c]).replace("|", "\\|") for c in columns] for r in rows]
+    return tabulate(cells, headers=columns, tablefmt="github") + "\n"
 
 
 def _list_tasks() -> tuple[list[dict], list[str]]:
@@ -166,7 +196,7 @@ def _list_tasks() -> tuple[list[dict], list[str]]:
 def _list_models() -> tuple[list[dict], list[str]]:
     from retbench.adapters import list_models
 
-    return list_models(), ["model", "source", "licence", "input", "feature", "text"]
+    return list_models(), ["model", "source", "licence", "input", "feature", "text", "differs"]
 
 
 def _list_protocols() -> tuple[list[dict], list[str]]:

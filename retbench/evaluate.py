@@ -152,7 +152,7 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             if task_name not in tasks:
                 tasks[task_name] = load_task_data(task_name, config.data_root)
             adapter = adapter or load_model(model, config.weights, str(device))
-            source = FeatureSource(adapter, tasks[task_name], adapter.preprocess.with_hints(spec.preprocess), config)
+            source = FeatureSource(adapter, tasks[task_name], adapter.task_preprocess(spec.preprocess), config)
             for p, path in pending:
                 out.append(_report(_run_one(source, p, path, config, device), on_result))
     return out

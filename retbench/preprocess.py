@@ -69,12 +69,16 @@ class Preprocess:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def with_hints(self, hints: dict[str, Any]) -> Preprocess:
-        """Apply a task's preprocessing hints (only keys this class knows)."""
+    def with_hints(self, hints: dict[str, Any], crop_method: FundusCrop = "threshold") -> Preprocess:
+        """Apply a task's preprocessing hints (only keys this class knows).
+
+        ``fundus_crop: true`` in a task means "crop the fundus": the model's own crop when its
+        preprocessing has one, else ``crop_method`` (the adapter's preferred method).
+        """
         known = {k: v for k, v in hints.items() if k in self.__dataclass_fields__}
         crop = known.get("fundus_crop")
-        if crop is True:  # a task asks for a crop: keep the model's own method, else the plain threshold
-            known["fundus_crop"] = self.fundus_crop if self.fundus_crop != "none" else "threshold"
+        if crop is True:
+            known["fundus_crop"] = self.fundus_crop if self.fundus_crop != "none" else crop_method
         elif crop is False:
             known["fundus_crop"] = "none"
         for k in ("mean", "std"):

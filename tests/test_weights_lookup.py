@@ -1,0 +1,95 @@
+"""Where checkpoints are found, how they are read safely, and the error when they are missing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from retbench.adapters import file_sha256, load_model
+from retbench.errors import RetbenchError
+from retbench.weights import WeightsMissingError, load_checkpoint, load_state_dict, resolve_file
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """No RETBENCH_WEIGHTS, an empty Hugging Face cache, offline."""
+    monkeypatch.delenv("RETBENCH_WEIGHTS", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_explicit_file_and_folder(tmp_path, no_hub):
+    f = tmp_path / "ckpt" / "model.pth"
+    f.parent.mkdir()
+    f.write_bytes(b"x")
+    assert resolve_file("m", "model.pth", explicit=str(f)) == f
+    assert resolve_file("m", "model.pth", explicit=str(f.parent)) == f
+    with pytest.raises(RetbenchError, match="weights file not found: .*nope.pth"):
+        resolve_file("m", "model.pth", explicit=str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("sub", ["", "retfound", "retfound.cfp", "YukunZhou/RETFound_mae_natureCFP"])
+def test_retbench_weights_folder_layouts(tmp_path, monkeypatch, no_hub, sub):
+    root = tmp_path / "weights"
+    f = root / sub / "RETFound_mae_natureCFP.pth"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"x")
+    monkeypatch.setenv("RETBENCH_WEIGHTS", str(root))
+    found = resolve_file("retfound.cfp", "RETFound_mae_natureCFP.pth", hub_id="YukunZhou/RETFound_mae_natureCFP",
+                         subdirs=("retfound", "retfound.cfp"))
+    assert found == f
+
+
+def test_hugging_face_cache_is_used_offline(tmp_path, no_hub):
+    repo = tmp_path / "hf-cache" / "models--org--model"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"x")
+    found = resolve_file("m", "model.safetensors", hub_id="org/model")
+    assert found.resolve() == (snap / "model.safetensors").resolve()
+
+
+def test_missing_weights_error_is_one_line_and_says_what_to_do(tmp_path, monkeypatch, no_hub):
+    monkeypatch.setenv("RETBENCH_WEIGHTS", str(tmp_path / "w"))
+    with pytest.raises(WeightsMissingError) as info:
+        resolve_file("retfound.cfp", "RETFound_mae_natureCFP.pth", hub_id="YukunZhou/RETFound_mae_natureCFP", gated=True)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for part in ("retfound.cfp", "RETFound_mae_natureCFP.pth", "https://huggingface.co/YukunZhou/RETFound_mae_natureCFP",
+                 "gated", str(tmp_path / "w"), "--weights"):
+        assert part in msg
+    with pytest.raises(WeightsMissingError, match="https://example.org/dl"):
+        resolve_file("x", "x.pth", url="https://example.org/dl")
+
+
+def test_checkpoints_are_read_without_executing_code(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": Path("/")}, path)  # a pickled object beyond tensors
+    with pytest.raises(RetbenchError, match="cannot load weights .*evil.pth safely"):
+        load_checkpoint(path)
+
+
+def test_state_dict_unwrapping_and_keys(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {"module.backbone.w": torch.ones(2)}, "epoch": 3}, path)
+    assert list(load_state_dict(path, key="teacher")) == ["backbone.w"]
+    with pytest.raises(RetbenchError, match="no key 'student'.*teacher"):
+        load_state_dict(path, key="student")
+    torch.save({"model_state_dict": {"a": torch.zeros(1)}, "optimizer_state_dict": {}}, path)
+    assert list(load_state_dict(path)) == ["a"]
+
+
+def test_sha256_of_the_file_read_is_recorded(tmp_path):
+    net = load_model("tinyclip")
+    path = tmp_path / "tiny.pth"
+    torch.save(net.net.state_dict(), path)
+    loaded = load_model("tinyclip", weights=str(path))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert loaded.describe()["weights_identity"] == f"sha256:{expected}" == f"sha256:{file_sha256(path)}"
+    assert load_model("tinyclip", weights="random").describe()["weights_identity"].startswith("random-init")
