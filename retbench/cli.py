@@ -86,7 +86,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--weights", help="checkpoint file or folder for the model (default: the official file name under "
                      "$RETBENCH_WEIGHTS, else the Hugging Face cache); 'random' = the architecture untrained; "
                      "'hub' = timm's pretrained download for timm:<name>")
-    run.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="images per forward pass (default: the largest that fits on CUDA, halved; 64 on CPU, 16 above 256 px)")
     run.add_argument("--workers", type=int, default=None,
                      help="DataLoader workers (default: cores - 1; 0, decoding in line, on 2 cores or fewer)")
     run.add_argument("--overwrite", action="store_true", help="recompute results that already exist")

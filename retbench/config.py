@@ -27,7 +27,7 @@ class RunConfig:
     cache_dir: str = ""
     device: str = "auto"
     weights: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: chosen to fit (features.auto_batch_size)
     num_workers: int | None = None
     overwrite: bool = False
     skip_bad_images: bool = False

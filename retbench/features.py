@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,18 +82,67 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
+def largest_fitting_batch(try_batch: Callable[[int], None], start: int = 512) -> int:
+    """The largest power-of-two batch ≤ ``start`` for which ``try_batch(n)`` runs without CUDA OOM."""
+    n = start
+    while n > 1:
+        try:
+            try_batch(n)
+            return n
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            n //= 2
+    return 1
+
+
+_AUTO_BATCH: dict[tuple[str, int, bool], int] = {}
+
+
+def auto_batch_size(adapter: Adapter, preprocess: Preprocess, joint: bool) -> int:
+    """A batch size that fits: probed once per model/input size on CUDA, a fixed default on CPU.
+
+    On CUDA the largest power of two (≤ 512) whose forward pass fits in memory under the
+    adapter's autocast is used, halved once for headroom (activations of real images vary
+    with the allocator's fragmentation). On CPU memory is rarely the limit: 64 images, 16
+    above 256 px.
+    """
+    if adapter.device.type != "cuda":
+        return 64 if preprocess.size <= 256 else 16
+    key = (adapter.name, preprocess.size, joint)
+    if key not in _AUTO_BATCH:
+        encode = adapter.encode_image_joint if joint else adapter.encode_image
+        dtype = adapter.autocast_dtype
+
+        @torch.inference_mode()
+        def try_batch(n: int) -> None:
+            x = torch.zeros(n, 3, preprocess.size, preprocess.size, device=adapter.device)
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                encode(x)
+            torch.cuda.synchronize(adapter.device)
+
+        _AUTO_BATCH[key] = max(1, largest_fitting_batch(try_batch) // 2)
+    return _AUTO_BATCH[key]
+
+
 @torch.inference_mode()
 def extract(
     adapter: Adapter,
     examples: Examples,
     preprocess: Preprocess,
     joint: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     skip_bad_images: bool = False,
 ) -> Features:
-    """Encode every example; ``joint`` selects image-text space embeddings (zero-shot)."""
+    """Encode every example; ``joint`` selects image-text space embeddings (zero-shot).
+
+    ``batch_size=None`` picks one that fits (:func:`auto_batch_size`). On CUDA the forward
+    pass runs under the adapter's autocast dtype, in channels-last layout for CNNs, and
+    outputs stay on the device until the end (no host sync per batch).
+    """
     device = adapter.device
+    batch_size = batch_size or auto_batch_size(adapter, preprocess, joint)
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(
         ImageDataset(examples, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,

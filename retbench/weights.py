@@ -60,9 +60,10 @@ def _hub_file(hub_id: str, filename: str) -> Path | None:
     except ImportError:  # pragma: no cover - transformers depends on it
         return None
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at import
     for local_only in (True,) if offline else (True, False):
         try:
-            return Path(hf_hub_download(hub_id, filename, local_files_only=local_only))
+            return Path(hf_hub_download(hub_id, filename, local_files_only=local_only, cache_dir=cache_dir))
         except Exception:  # noqa: BLE001 - not cached, gated, offline: all mean "not available here"
             continue
     return None

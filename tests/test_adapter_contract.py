@@ -1,0 +1,114 @@
+"""The contract every registered adapter keeps, checked on every family and weights tag.
+
+Each tag is built with ``--weights random`` (the architecture, untrained, offline) and must
+encode images into finite float features deterministically and independently of the batch;
+text models must embed texts into the space of their joint image embeddings. Tags of
+released models must say where their weights come from, cite the code they follow, and fail
+with a one-line error naming the file when the weights are absent.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from retbench.adapters import ADAPTERS, Adapter, discover_adapters, list_models, load_model
+from retbench.preprocess import Preprocess
+from retbench.spec import parse_spec
+from retbench.weights import WeightsMissingError
+
+discover_adapters()
+# families implemented in retbench itself (no release to cite)
+OWN_FAMILIES = {"classical", "tinyclip", "timm", "local"}
+
+
+def model_names() -> list[str]:
+    names = []
+    for family in ADAPTERS.names():
+        cls = ADAPTERS.get(family)
+        if cls.open_ended:
+            if cls.example_arg:
+                names.append(f"{family}:{cls.example_arg}")
+        else:
+            names += [f"{family}.{tag}" for tag in cls.tags]
+    return names
+
+
+def released_tags() -> list[str]:
+    return [f"{f}.{t}" for f in ADAPTERS.names() if f not in OWN_FAMILIES and not ADAPTERS.get(f).open_ended
+            for t in ADAPTERS.get(f).tags]
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[int, torch.Tensor]:
+    """Two normalised-looking random images per input size (cached per size)."""
+    return {}
+
+
+def batch_for(adapter: Adapter, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    size = adapter.preprocess.size
+    if size not in cache:
+        cache[size] = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    return cache[size]
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_adapter_contract(name, images, tiny_task):
+    adapter = load_model(name, weights="random")
+    try:
+        assert isinstance(adapter.preprocess, Preprocess) and adapter.preprocess.size > 0
+        x = batch_for(adapter, images)
+        with torch.inference_mode():
+            feats = adapter.encode_image(x)
+            again = adapter.encode_image(x)
+            single = adapter.encode_image(x[1:])
+        assert feats.ndim == 2 and feats.shape[0] == 2 and feats.shape[1] > 0, feats.shape
+        assert feats.dtype == torch.float32
+        assert torch.isfinite(feats).all()
+        assert torch.equal(feats, again), "encode_image must be deterministic (eval mode, no dropout)"
+        torch.testing.assert_close(single[0], feats[1], rtol=1e-4, atol=1e-4, msg="batch-dependent features")
+        info = adapter.describe()
+        assert info["weights_identity"].startswith("random-init") and info["name"] == adapter.name
+        if adapter.has_text:
+            with torch.inference_mode():
+                joint = adapter.encode_image_joint(x)
+                text = adapter.encode_text(["a fundus photograph of glaucoma", "healthy", "diabetic retinopathy"])
+            assert text.shape[0] == 3 and text.shape[1] == joint.shape[1]
+            assert torch.isfinite(text).all() and torch.isfinite(joint).all()
+            spec = parse_spec(tiny_task[0])
+            setup = adapter.zero_shot_setup(spec)
+            assert len(setup.prompts) == len(spec.classes) and all(setup.prompts)
+            assert setup.logit_scale > 0
+    finally:
+        del adapter
+        gc.collect()
+
+
+@pytest.mark.parametrize("name", released_tags())
+def test_released_tags_document_their_source(name):
+    family, _, tag_name = name.partition(".")
+    tag = ADAPTERS.get(family).tags[tag_name]
+    assert tag.licence and tag.licence != "n/a", f"{name}: licence"
+    assert tag.feature, f"{name}: which feature the probes use"
+    assert tag.code, f"{name}: the official code followed"
+    assert tag.filename and (tag.hub_id or tag.url), f"{name}: the official file and where to download it"
+
+
+@pytest.mark.parametrize("name", released_tags())
+def test_missing_weights_name_the_file(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETBENCH_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    family, _, tag_name = name.partition(".")
+    tag = ADAPTERS.get(family).tags[tag_name]
+    with pytest.raises(WeightsMissingError) as info:
+        load_model(name)
+    assert tag.filename in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_tag_is_listed():
+    listed = {row["model"] for row in list_models()}
+    assert set(released_tags()) <= listed
+    assert {"classical.default", "tinyclip.test"} <= listed
