@@ -1,0 +1,1 @@
+"""Pretraining: recipes that train local models, and the data hygiene they need."""
