@@ -62,7 +62,7 @@ class TinyClipAdapter(Adapter):
         self.net = TinyClipNet()
         torch.random.set_rng_state(gen_state)
         if self.weights and not self.random_init:
-            self.net.load_state_dict(load_state_dict(self.weights))
+            self.net.load_state_dict(load_state_dict(self.weights_file()))
         self.net.eval().to(self.device)
 
     def weights_identity(self) -> str:

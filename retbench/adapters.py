@@ -89,13 +89,28 @@ class Adapter(ABC):
         """``--weights random``: the architecture with seeded random weights (baselines, smoke tests)."""
         return self.weights == RANDOM
 
-    def weights_file(self, filename: str | None = None, *, what: str = "weights") -> Path:
-        """The checkpoint for this tag: ``--weights``, ``RETBENCH_WEIGHTS`` or the hub cache (clear error if none)."""
+    def weights_file(self, filename: str | None = None, *, what: str = "weights", hub_id: str | None = None,
+                     url: str | None = None) -> Path:
+        """The checkpoint for this tag: ``--weights``, ``RETBENCH_WEIGHTS`` or the hub cache (clear error if none).
+
+        With ``filename`` (an auxiliary file such as a tokenizer's ``vocab.txt``) the lookup is
+        the same, except that ``--weights`` counts only as the folder to look in (a checkpoint
+        file's own folder), ``hub_id``/``url`` may name the repository that ships the file,
+        and the weights identity is left alone.
+        """
+        aux = filename is not None and filename != self.tag.filename
+        explicit = self.weights
+        if aux and explicit:
+            given = Path(explicit).expanduser()
+            candidate = (given if given.is_dir() else given.parent) / filename
+            explicit = str(candidate) if candidate.exists() else None
         path = resolve_file(
-            self.name, filename or self.tag.filename, explicit=self.weights, hub_id=self.tag.hub_id,
-            url=self.tag.url, subdirs=(self.family, f"{self.family}.{self.tag.name}"), what=what, gated=self.tag.gated,
+            self.name, filename or self.tag.filename, explicit=explicit,
+            hub_id=self.tag.hub_id if hub_id is None else hub_id, url=self.tag.url if url is None else url,
+            subdirs=(self.family, f"{self.family}.{self.tag.name}"), what=what, gated=self.tag.gated and not aux,
         )
-        self.weights_path = path
+        if not aux:
+            self.weights_path = path
         return path
 
     @property
@@ -229,6 +244,8 @@ def canonical_model_name(name: str) -> str:
     family, tag = split_model_name(name)
     cls = ADAPTERS.get(family)
     if cls.open_ended:
+        if not tag:
+            raise RetbenchError(f"model family '{family}' needs an argument: {family}:<{cls.example_arg or 'name'}>")
         return f"{family}:{tag}"
     return f"{family}.{tag or cls.default_tag}"
 
@@ -237,6 +254,8 @@ def load_model(name: str, weights: str | None = None, device: str = "cpu") -> Ad
     """Build the adapter for ``name`` with optional local ``weights`` on ``device``."""
     family, tag_name = split_model_name(name)
     cls = ADAPTERS.get(family)
+    if cls.open_ended and not tag_name:
+        raise RetbenchError(f"model family '{family}' needs an argument: {family}:<{cls.example_arg or 'name'}>")
     tag = cls.resolve_tag(tag_name or cls.default_tag)
     return cls(tag, weights=weights, device=device)
 

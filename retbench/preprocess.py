@@ -183,8 +183,9 @@ def crop_fundus_mean_bbox(image: Image.Image, margin: float = 0.025, threshold: 
         return image
     h, w = gray.shape
     pad = int(margin * (h + w) / 2)
-    top, bottom = max(0, int(rows[0]) - pad), min(h, int(rows[-1]) + 1 + pad)
-    left, right = max(0, int(cols[0]) - pad), min(w, int(cols[-1]) + 1 + pad)
+    # the release's bounds: first index - margin to last index + margin, the end exclusive
+    top, bottom = max(0, int(rows[0]) - pad), min(h, int(rows[-1]) + pad)
+    left, right = max(0, int(cols[0]) - pad), min(w, int(cols[-1]) + pad)
     crop = image.crop((left, top, right, bottom))
     side = max(crop.size)
     canvas = Image.new("RGB", (side, side))

@@ -95,7 +95,7 @@ def resolve_file(
         return path
     root = weights_dir()
     if root is not None:
-        for sub in ("", *subdirs, hub_id):
+        for sub in (*subdirs, hub_id, ""):  # model folders first: a top-level vocab.txt may be another model's
             candidate = root / sub / filename if sub else root / filename
             if candidate.exists():
                 return candidate

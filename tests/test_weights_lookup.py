@@ -93,3 +93,20 @@ def test_sha256_of_the_file_read_is_recorded(tmp_path):
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     assert loaded.describe()["weights_identity"] == f"sha256:{expected}" == f"sha256:{file_sha256(path)}"
     assert load_model("tinyclip", weights="random").describe()["weights_identity"].startswith("random-init")
+
+
+def test_auxiliary_files_sit_beside_the_checkpoint_and_keep_the_identity(tmp_path, no_hub):
+    net = load_model("tinyclip")
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(net.net.state_dict(), ckpt)
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    adapter = load_model("tinyclip", weights=str(ckpt))
+    assert adapter.weights_file("vocab.txt", what="tokenizer") == tmp_path / "vocab.txt"
+    assert adapter.weights_path == ckpt  # the identity still hashes the checkpoint
+    with pytest.raises(WeightsMissingError, match="tokenizer 'merges.txt'.*huggingface.co/org/tok"):
+        adapter.weights_file("merges.txt", what="tokenizer", hub_id="org/tok")
+
+
+def test_open_ended_families_need_their_argument():
+    with pytest.raises(RetbenchError, match="needs an argument: timm:<resnet18>"):
+        load_model("timm")

@@ -20,11 +20,16 @@ from retbench.spec import TaskSpec
 
 @dataclass(frozen=True)
 class ZeroShotSetup:
-    """A model's zero-shot convention: its prompts per class, class-mean renormalisation, logit scale."""
+    """A model's zero-shot convention: its prompts per class, class-mean renormalisation, logit scale.
+
+    ``encode_class``, when set, embeds one class's prompts together (FLAIR pads a class's
+    descriptions to their longest and the padding enters its mean pooling), returning (n, D).
+    """
 
     prompts: list[list[str]]
     renormalize: bool = True
     logit_scale: float = 100.0
+    encode_class: Callable[[list[str]], np.ndarray] | None = None
 
 
 @dataclass

@@ -16,10 +16,16 @@ import numpy as np
 from retbench.protocols.base import Context, ProtocolOutput, ZeroShotSetup, evaluate_runs
 
 
-def class_embeddings(encode_text, prompts: list[list[str]], renormalize: bool = True) -> np.ndarray:
-    """(K, D) ensembled class embeddings from per-class prompt lists (renormalised unless told not to)."""
-    flat = [p for ps in prompts for p in ps]
-    emb = np.asarray(encode_text(flat), dtype=np.float64)
+def class_embeddings(encode_text, prompts: list[list[str]], renormalize: bool = True, encode_class=None) -> np.ndarray:
+    """(K, D) ensembled class embeddings from per-class prompt lists (renormalised unless told not to).
+
+    ``encode_class`` embeds each class's prompts in one call (models whose text embedding
+    depends on the batch's padding); otherwise every prompt goes through ``encode_text`` at once.
+    """
+    if encode_class is not None:
+        emb = np.concatenate([np.asarray(encode_class(ps), dtype=np.float64) for ps in prompts])
+    else:
+        emb = np.asarray(encode_text([p for ps in prompts for p in ps]), dtype=np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out, start = [], 0
     for ps in prompts:
@@ -43,7 +49,7 @@ class ZeroShot:
         test = ctx.split("test")
         setup = ctx.zero_shot or ZeroShotSetup(ctx.spec.class_prompts())
         prompts = setup.prompts
-        classes = class_embeddings(ctx.encode_text, prompts, setup.renormalize)
+        classes = class_embeddings(ctx.encode_text, prompts, setup.renormalize, setup.encode_class)
         img = ctx.joint_features()[test].astype(np.float64)
         img /= np.linalg.norm(img, axis=1, keepdims=True)
         logits = setup.logit_scale * img @ classes.T
