@@ -138,7 +138,7 @@ def load_text_tower(spec: str, device: str | torch.device = "cpu", *, pooling: P
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         encoder = _encoder_only(AutoModel.from_pretrained(source))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # not cached / not a folder / not a valid hub id
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RetbenchError(f"text tower '{spec}' is not available offline ({first}); download it or pass a local "
                             "folder as hf:<folder>") from None
