@@ -1,0 +1,1 @@
+"""Pretraining recipes, one file each (registered lazily in retbench.pretrain.recipe.RECIPES)."""
