@@ -197,7 +197,7 @@ def _train(recipe: Recipe, optimizer: torch.optim.Optimizer, settings: Settings,
             recipe.after_step(step)
             state["step"] = step + 1
             state["seconds"] += time.perf_counter() - t0
-            state["log"].append({"step": step + 1, "lr": lr, **{k: round(float(v), 6) for k, v in losses.items()}})
+            state["log"].append({"step": step + 1, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in losses.items()}})
             if not math.isfinite(state["log"][-1]["loss"]):
                 raise RetbenchError(f"pretraining diverged at step {step + 1} (loss {state['log'][-1]['loss']}); "
                                     "lower --lr")
