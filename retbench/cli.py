@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    from retbench.pretrain.cli import add_pretrain_parser
+
+    add_pretrain_parser(sub)
     lst = sub.add_parser("list", help="list tasks, models, protocols, metrics or task groups",
                          description="List what is registered.")
     lst.add_argument("what", choices=["tasks", "models", "protocols", "metrics", "groups"])
@@ -279,7 +282,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "validate": cmd_validate, "results": cmd_results,
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``retbench pretrain``."""
+    from retbench.pretrain.cli import cmd_pretrain as run_pretrain
+
+    return run_pretrain(args)
+
+
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "validate": cmd_validate, "results": cmd_results,
             "leaderboard": cmd_leaderboard}
 
 if __name__ == "__main__":
