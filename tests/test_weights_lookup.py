@@ -110,3 +110,16 @@ def test_auxiliary_files_sit_beside_the_checkpoint_and_keep_the_identity(tmp_pat
 def test_open_ended_families_need_their_argument():
     with pytest.raises(RetbenchError, match="needs an argument: timm:<resnet18>"):
         load_model("timm")
+
+
+def test_run_without_the_checkpoint_fails_with_one_line(tmp_path, monkeypatch, no_hub, tiny_task, capsys):
+    from retbench.cli import main
+
+    spec, root = tiny_task
+    monkeypatch.setenv("RETBENCH_WEIGHTS", str(tmp_path / "weights"))
+    code = main(["run", "-m", "flair", "-t", str(spec), "--data-root", str(root), "--results-dir", str(tmp_path / "r"),
+                 "--no-cache"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "model 'flair.default' needs weights 'model.safetensors'" in err and "huggingface.co/jusiro2/FLAIR" in err
+    assert not list((tmp_path / "r").glob("**/*.json"))  # nothing half-written
