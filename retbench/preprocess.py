@@ -205,7 +205,7 @@ def normalize(batch: torch.Tensor, preprocess: Preprocess, dtype: torch.dtype = 
     if preprocess.normalization == "per_image":
         x = batch.to(dtype).div_(255.0)
         mean = x.mean(dim=(2, 3), keepdim=True)
-        std = x.std(dim=(2, 3), keepdim=True).clamp_min_(1e-6)
+        std = x.std(dim=(2, 3), keepdim=True, correction=0).clamp_min_(1e-6)  # numpy's population std
         return x.sub_(mean).div_(std)
     mean = torch.tensor(preprocess.mean, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, device=batch.device, dtype=dtype).view(1, 3, 1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,17 @@ def load_checkpoint(path: str | Path) -> Any:
 
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # training scripts (MAE, DINO, iBOT) store their argparse.Namespace beside the weights: a plain attribute bag
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         raise RetbenchError(f"cannot load weights {path} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    """Checkpoints in torch's zip format can be memory-mapped (large files load without a copy)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
 
 
 def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:

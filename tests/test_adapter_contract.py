@@ -10,6 +10,7 @@ with a one-line error naming the file when the weights are absent.
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest
 import torch
@@ -25,14 +26,19 @@ OWN_FAMILIES = {"classical", "tinyclip", "timm", "local"}
 
 
 def model_names() -> list[str]:
-    names = []
+    """One tag per distinct network: tags differing only in their weights file or normalisation share a check."""
+    names, seen = [], set()
     for family in ADAPTERS.names():
         cls = ADAPTERS.get(family)
         if cls.open_ended:
             if cls.example_arg:
                 names.append(f"{family}:{cls.example_arg}")
-        else:
-            names += [f"{family}.{tag}" for tag in cls.tags]
+            continue
+        for tag in cls.tags.values():
+            network = (family, json.dumps(tag.options, sort_keys=True, default=str), tag.preprocess.size, tag.feature)
+            if network not in seen:
+                seen.add(network)
+                names.append(f"{family}.{tag.name}")
     return names
 
 

@@ -75,6 +75,16 @@ def test_checkpoints_are_read_without_executing_code(tmp_path):
         load_checkpoint(path)
 
 
+def test_training_checkpoints_with_argparse_namespace_and_legacy_format_load(tmp_path):
+    import argparse
+
+    path = tmp_path / "mae.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-3)}, path)
+    assert list(load_state_dict(path)) == ["w"]
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)  # pre-1.6 format: no mmap
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
+
+
 def test_state_dict_unwrapping_and_keys(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"teacher": {"module.backbone.w": torch.ones(2)}, "epoch": 3}, path)
