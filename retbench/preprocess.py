@@ -7,6 +7,7 @@ on the target device (:func:`normalize`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -110,11 +111,14 @@ class Preprocess:
             canvas = Image.new("RGB", (s, s))
             canvas.paste(image.resize((nw, nh), interp), (0, 0))
             return canvas
-        short = s / self.crop_pct
-        scale = short / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        # torchvision/timm arithmetic: short side floor(size / crop_pct), long side truncated, crop offsets rounded
+        short = max(s, math.floor(s / self.crop_pct + 1e-9))
+        if w <= h:
+            nw, nh = short, max(s, int(short * h / w))
+        else:
+            nw, nh = max(s, int(short * w / h)), short
         image = image.resize((nw, nh), interp)
-        left, top = (nw - s) // 2, (nh - s) // 2
+        left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return image.crop((left, top, left + s, top + s))
 
 

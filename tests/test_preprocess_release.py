@@ -117,3 +117,17 @@ def test_spec_rejects_bad_preprocessing_hints(tiny_task, key, value, message):
     spec_path.write_text(spec_path.read_text() + f"preprocess:\n  {key}: {value}\n")
     with pytest.raises(SpecError, match=message):
         parse_spec(spec_path)
+
+
+@pytest.mark.parametrize(("size", "crop_pct", "wh"), [(224, 1.0, (768, 509)), (224, 0.875, (333, 500)), (224, 0.875, (301, 299))])
+def test_resize_crop_matches_torchvision(size, crop_pct, wh):
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (wh[1], wh[0], 3), dtype=np.uint8))
+    ours = Preprocess(size=size, crop_pct=crop_pct, interpolation="bicubic").load(img)
+    short = int(size / crop_pct)
+    ref = v2.CenterCrop(size)(v2.Resize(short, interpolation=v2.InterpolationMode.BICUBIC)(img))
+    theirs = torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)  # same geometry, same PIL resampling
