@@ -46,7 +46,8 @@ class LocalAdapter(Adapter):
     has_text = False  # per model: set from the folder's config when built
     tags: ClassVar[dict[str, WeightsTag]] = {
         "<PATH>": WeightsTag("<PATH>", "a folder written by retbench (retbench_model.json + model.safetensors)",
-                             licence="per model", feature="timm pooled features; joint space if a text tower is stored"),
+                             licence="per model", feature="timm pooled features; joint space if a text tower is stored",
+                             options={"text": "if stored"}),
     }
 
     @classmethod

@@ -274,7 +274,7 @@ def list_models() -> list[dict[str, Any]]:
                 "licence": tag.licence,
                 "input": describe_input(tag.preprocess),
                 "feature": tag.feature,
-                "text": "yes" if cls.has_text else "no",
+                "text": tag.options.get("text") or ("yes" if cls.has_text else "no"),
                 "differs": tag.differs or "-",
             })
     return rows
