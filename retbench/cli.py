@@ -63,12 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--csv", help="also write the full table (every metric and CI) as CSV to this path")
     res.add_argument("--task", action="append", help="only these tasks (repeatable, comma-separated)")
     res.add_argument("--protocol", action="append", help="only these protocols")
-    lb = sub.add_parser("leaderboard", help="render markdown leaderboards from the result store",
-                        description="Write one markdown table per protocol (models x tasks + mean, best in bold).")
+    lb = sub.add_parser("leaderboard", help="render leaderboards (markdown, CSV, HTML, figures) from the result store",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Write <out>/<protocol>.md, .csv and .html per protocol and PNG figures in <out>/figures:\n"
+                        "models x tasks + mean, 95% CIs, best in bold. With --baseline, the best baseline of each column\n"
+                        "is underlined and every other model gets its difference and stars (* p < 0.01, ** p < 0.001)\n"
+                        "from a paired Wilcoxon signed-rank test over seeds (task x seed for the mean), corrected over\n"
+                        "the models compared; results of one task made under different task versions, splits or\n"
+                        "protocol settings are refused. The same store gives byte-identical files.",
+                        epilog="example: retbench leaderboard --baseline classical --out leaderboards")
     lb.add_argument("--results-dir", default="results", help="result store (default: ./results)")
     lb.add_argument("--out", default="leaderboards", help="output folder (default: ./leaderboards)")
     lb.add_argument("--protocol", action="append", help="only these protocols (default: all in the store)")
     lb.add_argument("--metric", help="show this metric for every task instead of each task's primary metric")
+    lb.add_argument("--baseline", action="append", metavar="MODEL",
+                    help="a baseline model (repeatable, comma-separated; a family name such as 'classical' works when "
+                    "unambiguous); default: none, so no underlines, deltas or stars")
+    lb.add_argument("--correction", choices=["holm", "bh", "none"], default="holm",
+                    help="multiple-comparison correction over the models compared with a baseline: holm (default), "
+                    "bh (Benjamini-Hochberg) or none")
+    lb.add_argument("--resamples", type=int, default=1000,
+                    help="bootstrap resamples for single-run CIs and paired differences (default and minimum: 1000)")
+    lb.add_argument("--no-figures", action="store_true", help="write the tables only, no PNG figures")
     return parser
 
 
@@ -275,10 +291,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``retbench leaderboard``."""
     from retbench.leaderboard import write_leaderboards
 
+    written: list[Path] = []
     paths = write_leaderboards(Path(args.results_dir), Path(args.out), list(_csv_list(args.protocol)) or None,
-                               args.metric)
+                               args.metric, baselines=_csv_list(args.baseline), correction=args.correction,
+                               resamples=args.resamples, figures=not args.no_figures, written=written)
+    if not paths:
+        err.print(f"no results in {args.results_dir}")
     for p in paths:
-        out.print(f"wrote {p}")
+        out.print(f"wrote {p} (+ .csv, .html)", highlight=False)
+    figures = [p for p in written if p.suffix == ".png"]
+    if figures:
+        out.print(f"wrote {len(figures)} figures in {figures[0].parent}", highlight=False)
     return 0
 
 

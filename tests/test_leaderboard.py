@@ -1,0 +1,266 @@
+"""Leaderboards from a synthetic store (3 models × 3 tasks): tables, marks, figures, and every number
+checked against scipy / sklearn computed independently from the stored predictions."""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from sklearn.metrics import accuracy_score
+
+from retbench import stats
+from retbench.cli import main
+from retbench.errors import RetbenchError
+from retbench.leaderboard import MEAN, build_board, load_store, write_leaderboards
+from retbench.metrics import METRICS, Metric
+from retbench.store import result_path, write_result
+
+QUALITY = {"base.v1": 1.0, "good.v1": 2.2, "weak.v1": 0.6}
+TASKS = {"alpha": 3, "beta": 2, "gamma": 4}
+PER_CLASS = 10
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _labels(task: str) -> np.ndarray:
+    return np.repeat(np.arange(TASKS[task]), PER_CLASS)
+
+
+def make_store(root: Path, protocol: str, seeds: range, ks: tuple[int | None, ...] = (None,),
+               models: dict[str, float] = QUALITY, tasks: tuple[str, ...] = tuple(TASKS), version: str = "1") -> None:
+    """Write one result per (model, task) with runs per (k, seed) and their test predictions."""
+    for task in tasks:
+        y = _labels(task)
+        for model, quality in models.items():
+            runs = []
+            for k in ks:
+                for seed in seeds:
+                    rng = np.random.default_rng([seed, k or 0, zlib.crc32(model.encode()), zlib.crc32(task.encode())])
+                    strength = quality * (1.0 if k is None else 0.4 + 0.3 * np.log2(k))
+                    proba = np.round(_softmax(strength * np.eye(TASKS[task])[y] + rng.normal(0, 1, (len(y), TASKS[task]))), 6)
+                    runs.append({"seed": seed, "k": k, "metrics": {"accuracy": accuracy_score(y, proba.argmax(1))},
+                                 "predictions": {"index": (3 * np.arange(len(y)) + 1).tolist(), "y_true": y.tolist(),
+                                                 "proba": proba.tolist()}})
+            result = {
+                "schema": 1, "model": {"name": model}, "primary_metric": "accuracy",
+                "task": {"name": task, "version": version, "spec_hash": f"spec{version}",
+                         "classes": [f"class {c}" for c in range(TASKS[task])]},
+                "protocol": {"name": protocol, "settings": {"seeds": list(seeds), "solver": {"iterations": len(model)}}},
+                "data": {"split_strategy": "stratified", "split_seed": 0, "image_list_hash": f"images-{task}",
+                         "n_test": len(y), "splits": {"test": {"n": len(y)}}},
+                "headline_k": ks[-1], "runs": runs,
+                "metrics": {"accuracy": {"mean": float(np.mean([r["metrics"]["accuracy"] for r in runs if r["k"] == ks[-1]])),
+                                         "ci95": [0.1, 0.9]}},
+            }
+            write_result(result_path(root, model, task, protocol), result)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store") / "results"
+    make_store(root, "linear_probe", range(5))
+    make_store(root, "few_shot", range(10), ks=(1, 2, 4))
+    return root
+
+
+@pytest.fixture(scope="module")
+def boards(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("boards")
+    written: list[Path] = []
+    md = write_leaderboards(store, out, baselines=["base"], written=written)
+    assert md == [out / "few_shot.md", out / "linear_probe.md"]
+    return out
+
+
+def _accuracies(store: Path, protocol: str, model: str, task: str, k: int | None = None) -> dict[int, float]:
+    import json
+
+    data = json.loads(result_path(store, model, task, protocol).read_text())
+    return {r["seed"]: accuracy_score(r["predictions"]["y_true"], np.argmax(r["predictions"]["proba"], 1))
+            for r in data["runs"] if r["k"] == k}
+
+
+def _csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with path.open() as fh:
+        return {(row["model"], row["task"]): row for row in csv.DictReader(fh)}
+
+
+def test_files_marks_and_footnotes(boards: Path) -> None:
+    names = {p.relative_to(boards).as_posix() for p in boards.rglob("*") if p.is_file()}
+    assert {"README.md", "linear_probe.md", "linear_probe.csv", "linear_probe.html", "few_shot.md", "few_shot.csv",
+            "few_shot.html", "figures/few_shot-curves.png", "figures/few_shot-bars.png", "figures/few_shot-roc.png",
+            "figures/linear_probe-bars.png", "figures/linear_probe-roc.png"} <= names
+    assert {f"figures/linear_probe-confusion-{t}.png" for t in TASKS} <= names  # the primary protocol only
+    assert not any("few_shot-confusion" in n for n in names)
+    for png in boards.glob("figures/*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (boards / "linear_probe.md").read_text()
+    assert "`base.v1` (baseline)" in md and "**<u>" not in md.split("`good.v1`")[0].split("\n")[-1]
+    good_row = next(line for line in md.splitlines() if line.startswith("| `good.v1`"))
+    assert good_row.count("**") >= 2 and "(+" in good_row  # best in bold, positive deltas
+    assert "<u>" in next(line for line in md.splitlines() if line.startswith("| `base.v1`"))
+    assert "Holm-adjusted over the 2 models" in md
+    assert "n = 5 pairs (with 5 pairs the smallest attainable p is 0.0625" in md
+    assert "n = 15 (task, seed) pairs" in md
+    assert "task versions: alpha v1, beta v1, gamma v1" in md
+    assert "![linear_probe: per-task bars with 95% CIs](figures/linear_probe-bars.png)" in md
+    few = (boards / "few_shot.md").read_text()
+    assert "accuracy, k=4" in few and "figures/few_shot-curves.png" in few and "n = 10 pairs." in few
+    html = (boards / "linear_probe.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<u>" in html and "<img src='figures/linear_probe-roc.png'" in html
+
+
+def test_regenerating_is_byte_identical(store: Path, boards: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    write_leaderboards(store, again, ["linear_probe"], baselines=["base.v1"])  # one protocol: fewer figures to draw
+    second = {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert len(second) == 3 + 2 + len(TASKS)  # md, csv, html; bars, ROC; a confusion matrix per task
+    assert [k for k, data in second.items() if (boards / k).read_bytes() != data] == []
+
+
+def test_cells_and_tests_against_scipy(store: Path, boards: Path) -> None:
+    rows = _csv(boards / "linear_probe.csv")
+    pairs: dict[str, list[float]] = {m: [] for m in QUALITY}
+    task_means: dict[str, list[float]] = {m: [] for m in QUALITY}
+    for task in TASKS:
+        for model in QUALITY:
+            acc = _accuracies(store, "linear_probe", model, task)
+            values = np.array([acc[s] for s in sorted(acc)])
+            row = rows[(model, task)]
+            low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
+            assert float(row["mean"]) == pytest.approx(values.mean())
+            assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((low, high))
+            pairs[model] += values.tolist()
+            task_means[model].append(values.mean())
+        # Per task: Wilcoxon over the 5 seeds against the baseline.
+        base = _accuracies(store, "linear_probe", "base.v1", task)
+        for model in ("good.v1", "weak.v1"):
+            acc = _accuracies(store, "linear_probe", model, task)
+            ref = sps.wilcoxon([acc[s] for s in range(5)], [base[s] for s in range(5)])
+            assert float(rows[(model, task)]["p_value"]) == pytest.approx(float(ref.pvalue))
+            assert rows[(model, task)]["test"] == "wilcoxon" and rows[(model, task)]["n_pairs"] == "5"
+    # Mean column: Wilcoxon over the 15 (task, seed) pairs, Holm over the two models compared.
+    p = {m: float(sps.wilcoxon(np.array(pairs[m]) - np.array(pairs["base.v1"])).pvalue) for m in ("good.v1", "weak.v1")}
+    holm = {m: min(1.0, max(2 * min(p.values()), p[m] if p[m] == max(p.values()) else 0)) for m in p}
+    for model in p:
+        row = rows[(model, MEAN)]
+        assert float(row["mean"]) == pytest.approx(np.mean(task_means[model]))
+        assert float(row["delta"]) == pytest.approx(np.mean(task_means[model]) - np.mean(task_means["base.v1"]))
+        assert float(row["p_value"]) == pytest.approx(p[model])
+        assert float(row["p_adjusted"]) == pytest.approx(holm[model])
+        assert row["stars"] == ("**" if holm[model] < 0.001 else "*" if holm[model] < 0.01 else "")
+    assert rows[("good.v1", MEAN)]["stars"] in ("*", "**")
+    # The mean's CI combines the per-task standard errors.
+    se = np.sqrt(sum(float(rows[("good.v1", t)]["se"]) ** 2 for t in TASKS)) / len(TASKS)
+    assert float(rows[("good.v1", MEAN)]["ci_high"]) - float(rows[("good.v1", MEAN)]["mean"]) == pytest.approx(1.959964 * se)
+
+
+def test_paired_table_by_task_and_by_seed(store: Path) -> None:
+    board = build_board("linear_probe", load_store(store)["linear_probe"], baselines=["base.v1"])
+    by = {(r.model, r.unit): r for r in board.paired}
+    assert set(by) == {("good.v1", "task"), ("weak.v1", "task"), ("good.v1", "task × seed"), ("weak.v1", "task × seed")}
+    good = [np.mean(list(_accuracies(store, "linear_probe", "good.v1", t).values())) for t in TASKS]
+    base = [np.mean(list(_accuracies(store, "linear_probe", "base.v1", t).values())) for t in TASKS]
+    row = by[("good.v1", "task")].result
+    assert row.p_value == pytest.approx(float(sps.wilcoxon(good, base).pvalue))
+    assert row.n == 3 and row.wins == 3 and row.effect_size == 1.0
+    assert by[("good.v1", "task × seed")].result.n == 15
+
+
+def test_few_shot_uses_the_headline_k(store: Path, boards: Path) -> None:
+    rows = _csv(boards / "few_shot.csv")
+    acc = _accuracies(store, "few_shot", "good.v1", "beta", k=4)
+    base = _accuracies(store, "few_shot", "base.v1", "beta", k=4)
+    assert rows[("good.v1", "beta")]["k"] == "4"
+    assert float(rows[("good.v1", "beta")]["mean"]) == pytest.approx(np.mean(list(acc.values())))
+    ref = sps.wilcoxon([acc[s] for s in range(10)], [base[s] for s in range(10)])
+    assert float(rows[("good.v1", "beta")]["p_value"]) == pytest.approx(float(ref.pvalue))
+
+
+@pytest.fixture
+def fast_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two numpy metrics (fast bootstraps; one where lower is better), registered for this test only."""
+    def np_accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+        return float(np.mean(proba.argmax(1) == y))
+
+    def np_error(y: np.ndarray, proba: np.ndarray) -> float:
+        return 1.0 - np_accuracy(y, proba)
+
+    monkeypatch.setitem(METRICS._items, "np_accuracy", Metric("np_accuracy", np_accuracy, True, "test"))
+    monkeypatch.setitem(METRICS._items, "np_error", Metric("np_error", np_error, False, "test"))
+
+
+def test_single_runs_bootstrap_and_delong(tmp_path: Path, fast_metrics: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "results"
+    make_store(root, "zero_shot", range(1), models={"base.v1": 1.0, "good.v1": 1.6}, tasks=("alpha", "beta"))
+    results = load_store(root)["zero_shot"]
+    board = build_board("zero_shot", results, metric="np_accuracy", baselines=["base.v1"])
+    metric = METRICS.get("np_accuracy")
+    y = _labels("alpha")
+    pa = np.array(results[("good.v1", "alpha")]["runs"][0]["predictions"]["proba"])
+    pb = np.array(results[("base.v1", "alpha")]["runs"][0]["predictions"]["proba"])
+    ci = stats.bootstrap_ci(metric, y, pa, n_resamples=1000, seed=0)
+    cell = board.cell("good.v1", "alpha")
+    assert (cell.low, cell.high, cell.se, cell.ci_method) == (ci.low, ci.high, ci.se, "bootstrap")
+    comp = board.comparisons[("good.v1", "alpha")]
+    assert comp.test == "bootstrap" and comp.n == len(y)
+    assert comp.p_value == stats.paired_bootstrap(metric, y, pa, pb, n_resamples=1000, seed=0).p_value
+    # Binary AUROC of single runs: DeLong's test (the cells fall back to the stored interval here).
+    monkeypatch.setattr(stats, "bootstrap_ci", lambda *a, **k: (_ for _ in ()).throw(ValueError("skip")))
+    beta = {key: r for key, r in results.items() if key[1] == "beta"}
+    board = build_board("zero_shot", beta, metric="auroc", baselines=["base.v1"])
+    yb = _labels("beta")
+    pa = np.array(results[("good.v1", "beta")]["runs"][0]["predictions"]["proba"])
+    pb = np.array(results[("base.v1", "beta")]["runs"][0]["predictions"]["proba"])
+    comp = board.comparisons[("good.v1", "beta")]
+    assert comp.test == "delong"
+    assert comp.p_value == pytest.approx(stats.delong_test(yb, pa[:, 1], pb[:, 1]).p_value)
+    assert board.cell("good.v1", "beta").ci_method == "none"  # no interval stored for auroc either
+
+
+def test_lower_is_better_metric(store: Path, fast_metrics: None) -> None:
+    board = build_board("linear_probe", load_store(store)["linear_probe"], metric="np_error", baselines=["base.v1"])
+    assert board.models[0] == "good.v1"  # sorted by mean error, lowest first
+    errors = {m: board.cell(m, "alpha").mean for m in QUALITY}
+    assert errors["good.v1"] == min(errors.values())
+    from retbench.leaderboard import shown_cell
+
+    assert shown_cell(board, "good.v1", "alpha").bold and not shown_cell(board, "weak.v1", "alpha").bold
+    assert board.comparisons[("good.v1", MEAN)].delta < 0  # less error than the baseline ...
+    assert next(r for r in board.paired if r.model == "good.v1").result.effect_size > 0  # ... which is better
+
+
+def test_refuses_results_from_different_task_versions(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    make_store(root, "linear_probe", range(2), tasks=("alpha",))
+    make_store(root, "linear_probe", range(2), models={"weak.v1": 0.6}, tasks=("alpha",), version="2")
+    expected = r"alpha / linear_probe: .*task version differs \(base.v1: 1; good.v1: 1; weak.v1: 2\)"
+    with pytest.raises(RetbenchError, match=expected):
+        write_leaderboards(root, tmp_path / "out", figures=False)
+
+
+def test_baselines_names_and_none(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(RetbenchError, match="did you mean good.v1"):
+        write_leaderboards(store, tmp_path / "x", baselines=["goood.v1"], figures=False)
+    write_leaderboards(store, tmp_path / "plain", protocols=["linear_probe"], figures=False)
+    md = (tmp_path / "plain" / "linear_probe.md").read_text()
+    assert "no baseline was given" in md and "<u>" not in md and "<sup>" not in md and "(+" not in md
+    assert not (tmp_path / "plain" / "figures").exists()
+
+
+def test_cli_leaderboard(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli"
+    code = main(["leaderboard", "--results-dir", str(store), "--out", str(out), "--protocol", "linear_probe",
+                 "--baseline", "base", "--correction", "bh", "--no-figures"])
+    assert code == 0
+    assert "wrote" in capsys.readouterr().out
+    assert "Benjamini–Hochberg-adjusted" in (out / "linear_probe.md").read_text()
+    assert main(["leaderboard", "--results-dir", str(store), "--out", str(out), "--resamples", "10"]) == 2
+    assert "at least 1000" in capsys.readouterr().err
