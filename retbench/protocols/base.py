@@ -110,21 +110,21 @@ def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, bootstrap
             entry["ci_method"] = "t over seeds"
         elif name == primary and bootstrap:
             entry["ci95"] = bootstrap_ci(m, runs[0].y_true, runs[0].proba, bootstrap)
-            entry["ci_method"] = f"percentile bootstrap over test images ({bootstrap}, seed 0)"
+            entry["ci_method"] = f"percentile bootstrap over test images, stratified by class ({bootstrap}, seed 0)"
         summary[name] = entry
     return summary
 
 
 def bootstrap_ci(metric: Any, y: np.ndarray, proba: np.ndarray, n: int, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap interval of ``metric`` over resampled test images."""
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[i])) > 1:
-            vals.append(metric(y[i], proba[i]))
-    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    """95% percentile bootstrap interval of ``metric`` over test images resampled within each class.
+
+    The same computation as the leaderboard's (:func:`retbench.stats.bootstrap_ci`), so stored and
+    published intervals agree.
+    """
+    from retbench import stats as rstats
+
+    res = rstats.bootstrap_ci(metric, y, proba, n_resamples=max(n, rstats.MIN_RESAMPLES), seed=seed)
+    return [float(res.low), float(res.high)]
 
 
 @dataclass
