@@ -41,6 +41,7 @@ class TimmAdapter(Adapter):
     family = "timm"
     open_ended = True
     example_arg = "resnet18"
+    default_random = True
     channels_last = True
     tags: ClassVar[dict[str, WeightsTag]] = {
         "<any timm model>": WeightsTag("<any timm model>", "timm (random init | --weights FILE | --weights hub)",

@@ -50,6 +50,7 @@ class TinyClipAdapter(Adapter):
     family = "tinyclip"
     has_text = True
     default_tag = "test"
+    default_random = True
     tags: ClassVar[dict[str, WeightsTag]] = {
         "test": WeightsTag("test", "random init (seed 0)", Preprocess(size=64, resize="pad_canvas", interpolation="bilinear"),
                            licence="Apache-2.0 (retbench)", feature="pooled CNN features (128-d); joint 64-d"),

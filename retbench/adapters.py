@@ -70,6 +70,7 @@ class Adapter(ABC):
     has_text: ClassVar[bool] = False
     open_ended: ClassVar[bool] = False  # family:ARG names, e.g. timm:resnet18
     example_arg: ClassVar[str] = ""  # an argument the contract tests build for open-ended families
+    default_random: ClassVar[bool] = False  # no --weights means random init (timm:<name>, tinyclip)
     # CUDA execution: autocast dtype (None = fp32) and whether channels_last memory helps (CNNs)
     autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
     channels_last: ClassVar[bool] = False
@@ -115,9 +116,15 @@ class Adapter(ABC):
 
     @property
     def name(self) -> str:
-        """The full model name, ``family.tag`` or ``family:argument``."""
+        """The full model name, ``family.tag`` or ``family:argument``, plus ``@variant`` for non-default weights.
+
+        ``--weights random`` gives ``@random`` (unless random init is the family's default),
+        ``--weights hub`` ``@hub``, and a checkpoint file not named as the release's file
+        ``@<file stem>``: results of different weights never share a name in the store.
+        """
         sep = ":" if self.open_ended else "."
-        return f"{self.family}{sep}{self.tag.name}"
+        variant = weights_variant(type(self), self.tag, self.weights)
+        return f"{self.family}{sep}{self.tag.name}" + (f"@{variant}" if variant else "")
 
     @abstractmethod
     def build(self) -> None:
@@ -188,6 +195,32 @@ class Adapter(ABC):
 
 
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def weights_variant(cls: type[Adapter], tag: WeightsTag, weights: str | None) -> str:
+    """The ``@variant`` suffix of a model name for the weights asked for ('' for the default ones)."""
+    if not weights:
+        return ""
+    if weights == RANDOM:
+        return "" if cls.default_random else "random"
+    if weights == "hub":
+        return "hub"
+    path = Path(weights)
+    if path.is_dir() or (tag.filename and path.name == tag.filename):
+        return ""
+    return path.stem
+
+
+def run_name(name: str, weights: str | None) -> str:
+    """The name results of ``name`` with ``weights`` are stored under (no model is built)."""
+    family, tag_name = split_model_name(name)
+    cls = ADAPTERS.get(family)
+    if cls.open_ended and not tag_name:
+        raise RetbenchError(f"model family '{family}' needs an argument: {family}:<{cls.example_arg or 'name'}>")
+    tag = cls.resolve_tag(tag_name or cls.default_tag)
+    variant = weights_variant(cls, tag, weights)
+    sep = ":" if cls.open_ended else "."
+    return f"{family}{sep}{tag.name}" + (f"@{variant}" if variant else "")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from retbench.adapters import Adapter, canonical_model_name, load_model
+from retbench.adapters import Adapter, canonical_model_name, load_model, run_name
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
@@ -142,7 +142,7 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             spec = get_task(task_name)
             pending = []
             for p in select_protocols(spec, config.protocols):
-                path = result_path(results_root, model, spec.name, p)
+                path = result_path(results_root, run_name(model, config.weights), spec.name, p)
                 if path.exists() and not config.overwrite:
                     out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
                 else:

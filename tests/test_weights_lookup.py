@@ -133,3 +133,18 @@ def test_run_without_the_checkpoint_fails_with_one_line(tmp_path, monkeypatch, n
     assert code == 2 and len(err.splitlines()) == 1
     assert "model 'flair.default' needs weights 'model.safetensors'" in err and "huggingface.co/jusiro2/FLAIR" in err
     assert not list((tmp_path / "r").glob("**/*.json"))  # nothing half-written
+
+
+def test_results_of_other_weights_get_their_own_name(tmp_path):
+    from retbench.adapters import run_name
+
+    assert run_name("timm:resnet18", None) == run_name("timm:resnet18", "random") == "timm:resnet18"
+    assert run_name("timm:resnet18", "hub") == "timm:resnet18@hub"
+    assert run_name("retfound", None) == "retfound.cfp"
+    assert run_name("retfound", "random") == "retfound.cfp@random"
+    assert run_name("retfound.cfp", "/ckpt/RETFound_mae_natureCFP.pth") == "retfound.cfp"  # the official file
+    assert run_name("retfound.cfp", "/ckpt/my_finetune.pth") == "retfound.cfp@my_finetune"
+    net = load_model("tinyclip")
+    path = tmp_path / "tiny_v2.pth"
+    torch.save(net.net.state_dict(), path)
+    assert load_model("tinyclip", weights=str(path)).name == run_name("tinyclip", str(path)) == "tinyclip.test@tiny_v2"
