@@ -25,6 +25,9 @@ discover_adapters()
 OWN_FAMILIES = {"classical", "tinyclip", "timm", "local"}
 
 
+NOT_ARCHITECTURE = ("convention", "checkpoint_key", "drop_prefixes", "modality")
+
+
 def model_names() -> list[str]:
     """One tag per distinct network: tags differing only in their weights file or normalisation share a check."""
     names, seen = [], set()
@@ -35,7 +38,10 @@ def model_names() -> list[str]:
                 names.append(f"{family}:{cls.example_arg}")
             continue
         for tag in cls.tags.values():
-            network = (family, json.dumps(tag.options, sort_keys=True, default=str), tag.preprocess.size, tag.feature)
+            # the same build code, architecture, feature and input size make the same network
+            options = {k: v for k, v in tag.options.items() if k not in NOT_ARCHITECTURE}
+            network = (cls.build.__qualname__, json.dumps(options, sort_keys=True, default=str), tag.preprocess.size,
+                       tag.feature)
             if network not in seen:
                 seen.add(network)
                 names.append(f"{family}.{tag.name}")

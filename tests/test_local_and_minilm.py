@@ -172,7 +172,7 @@ def test_bad_config_is_one_line_naming_file_and_key(saved: dict, tmp_path: Path,
 def test_bad_folder_and_weights_errors(saved: dict, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    with pytest.raises(RetbenchError, match="needs a folder"):
+    with pytest.raises(RetbenchError, match="needs an argument: local:"):
         load_model("local:")
     with pytest.raises(RetbenchError, match="local model folder not found: .*nowhere"):
         load_model(f"local:{tmp_path / 'nowhere'}")
