@@ -211,14 +211,16 @@ def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any]
             config: PretrainConfig) -> None:
     from retbench.local_format import save_local_model
 
+    parts = recipe.export()
     card = {
-        "recipe": settings.recipe, "description": recipe.description, "settings": settings.to_dict(),
+        "recipe": settings.recipe, "description": recipe.description,
+        "settings": {**settings.to_dict(), "vision": parts["vision_cfg"]},  # --init may bring its own architecture
         "data": {k: v for k, v in data.report.items() if k != "excluded"}, "steps_done": state["step"],
         "train_seconds": round(state["seconds"], 1), "final_loss": state["log"][-1]["loss"] if state["log"] else None,
     }
     tmp = out / ".export"
     save_local_model(tmp, preprocess=eval_preprocess(settings), recipe=settings.recipe, card=card, overwrite=True,
-                     **recipe.export())
+                     **parts)
     config_file = tmp / "retbench_model.json"
     # the config is what makes the folder a model: moved last, so a reader never finds it before the weights
     for f in [f for f in sorted(tmp.rglob("*")) if f.is_file() and f != config_file] + [config_file]:
