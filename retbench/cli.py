@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from retbench.pretrain.cli import add_pretrain_parser
 
     add_pretrain_parser(sub)
+    from retbench.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     lst = sub.add_parser("list", help="list tasks, models, protocols, metrics or task groups",
                          description="List what is registered.")
     lst.add_argument("what", choices=["tasks", "models", "protocols", "metrics", "groups"])
@@ -312,8 +315,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return run_pretrain(args)
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "list": cmd_list, "validate": cmd_validate, "results": cmd_results,
-            "leaderboard": cmd_leaderboard}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``retbench sweep``."""
+    from retbench.sweep import cmd_sweep as run_sweep
+
+    return run_sweep(args)
+
+
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "list": cmd_list, "validate": cmd_validate,
+            "results": cmd_results, "leaderboard": cmd_leaderboard}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,8 @@ def iter_results(root: Path) -> Iterator[dict[str, Any]]:
     if not root.is_dir():
         raise RetbenchError(f"results directory does not exist: {root}")
     for path in sorted(root.glob("*/*/*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # .sweep/ state and other bookkeeping, not results
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

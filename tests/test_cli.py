@@ -18,7 +18,7 @@ def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", ["run", "list", "validate", "results", "leaderboard"])
+@pytest.mark.parametrize("command", ["run", "list", "validate", "results", "leaderboard", "pretrain", "sweep"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([command, "--help"])
