@@ -61,6 +61,7 @@ class TaskData:
     spec: TaskSpec
     examples: Examples
     splits: dict[str, np.ndarray]
+    extra: Any = None  # retrieval: the PairData; vqa: the QuestionData
 
 
 @dataclass
@@ -104,15 +105,25 @@ class FeatureSource:
 
 
 def load_task_data(name: str, root: str | None) -> TaskData:
-    """Spec, examples and splits of a task under the data root."""
+    """Spec, examples and splits of a task under the data root (plus its pairs or questions for those kinds)."""
     spec = get_task(name)
+    if spec.kind == "retrieval":
+        from retbench.data.pairs import load_pairs
+
+        pairs = load_pairs(spec, data_root(root))
+        return TaskData(spec, pairs.examples, make_splits(spec, pairs.examples), pairs)
+    if spec.kind == "vqa":
+        from retbench.data.questions import load_questions
+
+        questions = load_questions(spec, data_root(root))
+        return TaskData(spec, questions.examples, make_splits(spec, questions.examples), questions)
     examples = load_examples(spec, data_root(root))
     return TaskData(spec, examples, make_splits(spec, examples))
 
 
 def select_protocols(spec: TaskSpec, requested: tuple[str, ...]) -> list[str]:
-    """Requested protocols the task allows (default: the three standard ones)."""
-    wanted = requested or DEFAULT_PROTOCOLS
+    """Requested protocols the task allows (default: the three standard ones; retrieval and VQA tasks: their own)."""
+    wanted = requested or (DEFAULT_PROTOCOLS if spec.kind == "classification" else spec.protocols)
     for p in wanted:
         PROTOCOLS.get(p)  # unknown names fail with suggestions
     return [p for p in wanted if p in spec.protocols]
@@ -152,6 +163,10 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             if task_name not in tasks:
                 tasks[task_name] = load_task_data(task_name, config.data_root)
             adapter = adapter or load_model(model, config.weights, str(device))
+            if spec.kind != "classification":
+                for p, path in pending:
+                    out.append(_report(_run_kind(adapter, tasks[task_name], p, path, config, device), on_result))
+                continue
             source = FeatureSource(adapter, tasks[task_name], adapter.task_preprocess(spec.preprocess), config)
             for p, path in pending:
                 out.append(_report(_run_one(source, p, path, config, device), on_result))
@@ -229,6 +244,101 @@ def _data_summary(spec: TaskSpec, ex: Examples, splits: dict[str, np.ndarray], f
             "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
             "n_patients": len(set(ex.patients)), "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
             "bad_images": features.bad_ids}
+
+
+def _run_kind(adapter: Adapter, task: TaskData, protocol_name: str, path: Path, config: RunConfig, device: Any) -> Result:
+    """One retrieval or VQA protocol run: features per image side (extracted lazily, cached), then the protocol."""
+    from retbench.protocols.retrieval import RetrievalContext
+    from retbench.protocols.vqa import VQAContext
+
+    protocol = configured_protocol(protocol_name, config)
+    spec = task.spec
+    requires_text = getattr(protocol, "requires_text", lambda _spec: protocol.needs_text)(spec)
+    if requires_text and not adapter.has_text:
+        return Result({}, None, "skipped", f"{protocol_name}: model '{adapter.name}' has no text tower "
+                      f"(task '{spec.name}' scores texts)")
+    timer = {"extract_s": 0.0}
+
+    def timed(source: FeatureSource, joint: bool) -> Features:
+        start = time.perf_counter()
+        feats = source.get(joint)
+        timer["extract_s"] += time.perf_counter() - start
+        return feats
+
+    if spec.kind == "retrieval":
+        sources = {side.spec.name: FeatureSource(adapter, TaskData(spec, side.examples, {}),
+                                                 adapter.task_preprocess({**spec.preprocess, **side.spec.preprocess}),
+                                                 config)
+                   for side in task.extra.image_sides() if side.examples is not None}
+        text = next(iter(sources.values())).text if adapter.has_text else None
+        ctx: Any = RetrievalContext(spec, task.extra, lambda side, joint: timed(sources[side], joint).values, text, device)
+        preprocess: dict[str, Any] = {name: s.preprocess.to_dict() for name, s in sources.items()}
+    else:
+        source = FeatureSource(adapter, task, adapter.task_preprocess(spec.preprocess), config)
+        sources = {"image": source}
+        ctx = VQAContext(spec, task.extra, task.splits, lambda: timed(source, False).values,
+                         (lambda: timed(source, True).values) if adapter.has_text else None,
+                         source.text if adapter.has_text else None, device,
+                         lambda: timed(source, protocol.needs_text).valid)
+        preprocess = source.preprocess.to_dict()
+    start = time.perf_counter()
+    output = protocol.run(ctx)
+    total = time.perf_counter() - start
+    used = {(name, joint): feats for name, s in sources.items() for joint, feats in s._cache.items()}
+    timings = {"extract_s": timer["extract_s"], "features_from_cache": all(f.from_cache for f in used.values()),
+               "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - timer["extract_s"]}
+    keys = {f"{name}:{'joint' if joint else 'features'}": f.key for (name, joint), f in sorted(used.items())}
+    data = {
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": adapter.describe(),
+        "task": {"name": spec.name, "version": spec.version, "spec_hash": spec.spec_hash, "file": spec.file,
+                 "modality": spec.modality, "problem": spec.problem, "kind": spec.kind, "classes": spec.class_names,
+                 "parts": _parts(spec)},
+        "protocol": {"name": protocol.name, "description": protocol.description, "settings": output.settings},
+        "preprocess": preprocess,
+        "primary_metric": spec.primary_metric,
+        "metrics": output.metrics,
+        "data": _kind_data_summary(task, output, sorted({b for f in used.values() for b in f.bad_ids})),
+        "runs": output.runs,
+        "environment": environment(device),
+        "timings": timings,
+        "config": {**config.to_dict(), "models": None, "tasks": None},
+        "feature_cache_key": next(iter(keys.values())) if len(keys) == 1 else keys,
+    }
+    write_result(path, data)
+    return Result(data, path)
+
+
+def _parts(spec: TaskSpec) -> dict[str, Any]:
+    """What the qualified metric names refer to: retrieval directions or VQA questions."""
+    if spec.retrieval is not None:
+        return {"directions": {d.name: {"query": d.query, "gallery": d.gallery} for d in spec.retrieval.directions},
+                "sides": {s.name: {"type": s.type, "column": s.column, "modality": s.modality}
+                          for s in spec.retrieval.sides}}
+    assert spec.vqa is not None
+    return {"questions": {q.name: {"question": q.question, "column": q.column, "answers": [a.name for a in q.answers]}
+                          for q in spec.vqa.questions}, "answer_template": spec.vqa.answer_template}
+
+
+def _kind_data_summary(task: TaskData, output: Any, bad_images: list[str]) -> dict[str, Any]:
+    spec, extra = task.spec, task.extra
+    if spec.kind == "retrieval":
+        unit, n, splits = "pair", len(extra), {
+            s: {"n": int(len(idx)), "per_class": np.bincount(extra.labels[idx], minlength=len(spec.classes)).tolist()}
+            for s, idx in extra.splits.items()}
+    else:
+        assert spec.vqa is not None
+        unit, n, splits = "image", len(extra.examples), {
+            s: {"n": int(len(idx)), "per_question": {
+                q.name: np.bincount(extra.answers[idx, i][extra.answers[idx, i] >= 0], minlength=len(q.answers)).tolist()
+                for i, q in enumerate(spec.vqa.questions)}}
+            for s, idx in task.splits.items()}
+    ex = task.examples
+    return {"unit": unit, "n_examples": n, "n_test": output.n_test, "splits": splits,
+            "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
+            "n_patients": len(set(ex.patients)), "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
+            "bad_images": bad_images, **output.notes}
 
 
 def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: Any) -> Result:

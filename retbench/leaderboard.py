@@ -32,7 +32,7 @@ from tabulate import tabulate
 from retbench import stats
 from retbench.errors import RetbenchError
 from retbench.io import atomic_write_bytes
-from retbench.metrics import METRICS
+from retbench.metrics import METRICS, metric_for
 from retbench.store import iter_results, safe_name
 
 MEAN = "mean"
@@ -245,7 +245,7 @@ def build_board(protocol: str, results: dict[tuple[str, str], dict[str, Any]], m
     """Collect cells, references, comparisons and paired tests for one protocol's results."""
     if correction not in stats.CORRECTIONS:
         raise RetbenchError(f"correction must be one of {', '.join(stats.CORRECTIONS)}, got '{correction}'")
-    if metric is not None and METRICS.get(metric).per_class:
+    if metric is not None and metric_for(metric).per_class:
         raise RetbenchError(f"metric '{metric}' is per class; choose a scalar metric (retbench list metrics)")
     tasks = sorted({t for _, t in results})
     for task in tasks:
@@ -255,7 +255,7 @@ def build_board(protocol: str, results: dict[tuple[str, str], dict[str, Any]], m
     for (model, task), result in sorted(results.items()):
         name = metric or result["primary_metric"]
         metric_of[task], k_of[task] = name, result.get("headline_k")
-        higher[task] = METRICS.get(name).higher_is_better
+        higher[task] = metric_for(name).higher_is_better  # qualified names too: image_to_text/recall_at_1
         classes[task] = list(result["task"].get("classes", []))
         cells[(model, task)] = make_cell(result, name, _headline_runs(result), resamples)
     models = sorted({m for m, _ in results})
@@ -492,7 +492,8 @@ def _ci_phrase(board: Board) -> str:
         parts.append(f"for single runs ({', '.join(single)}) a percentile bootstrap over test images stratified by class "
                      f"({board.resamples} resamples, seed 0)")
     if "stored" in methods:
-        parts.append("for single runs without stored predictions, the interval stored with the result")
+        parts.append("for single runs without stored class predictions (retrieval, VQA), the interval stored with the "
+                     "result (its `ci_method` says how it was computed)")
     return "; ".join(parts) or "none"
 
 

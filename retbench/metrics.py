@@ -8,6 +8,7 @@ metrics. Predicted labels are ``proba.argmax(1)``. The variant is in the name:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +130,114 @@ def specificity_per_class(y: np.ndarray, proba: np.ndarray) -> list[float]:
         tn = neg - (cm[:, k].sum() - cm[k, k])
         out.append(float(tn / neg) if neg else float("nan"))
     return out
+
+
+@metric("balanced_accuracy", "mean per-class recall over the classes present (the number aca is; VQA's name)")
+def balanced_accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+    return aca(y, proba)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank metrics (retrieval; on class scores: top-k accuracy)
+#
+# ``y`` is, per query, the column of its relevant gallery item (N,) or a boolean relevance
+# matrix (N, G); ``scores`` (N, G) are similarities, higher = closer. Ties are broken uniformly
+# at random and every metric is its expectation over the tie-breaks, in closed form: with h
+# irrelevant items scoring strictly higher than the query's best relevant item, t irrelevant items
+# tied with it and m relevant items at that score, the rank of the first relevant item is
+# 1 + h + (a uniform position among the t + m tied items); its expectation is 1 + h + t / (m + 1),
+# i.e. "half the ties" when one relevant item is tied (m = 1).
+# --------------------------------------------------------------------------------------------
+
+
+def tie_counts(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: (h, t, m) = irrelevant items strictly above / tied with the best relevant item, relevant items tied there."""
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y)
+    if y.ndim == 1:
+        relevant = np.zeros(scores.shape, dtype=bool)
+        relevant[np.arange(len(y)), y.astype(np.int64)] = True
+    else:
+        relevant = y.astype(bool)
+    if relevant.shape != scores.shape or not relevant.any(axis=1).all():
+        raise ValueError("every query needs at least one relevant gallery item")
+    best = np.where(relevant, scores, -np.inf).max(axis=1, keepdims=True)
+    higher = ((scores > best) & ~relevant).sum(axis=1)
+    ties = ((scores == best) & ~relevant).sum(axis=1)
+    tied_relevant = ((scores == best) & relevant).sum(axis=1)
+    return higher, ties, tied_relevant
+
+
+def _none_in_first(t: int, m: int, j: int) -> float:
+    """P(the first j of t irrelevant + m relevant tied items, in random order, are all irrelevant)."""
+    if j <= 0:
+        return 1.0
+    if j > t:
+        return 0.0
+    return math.comb(t, j) / math.comb(t + m, j)
+
+
+def expected_rank(h: np.ndarray, t: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Expected rank of the first relevant item: 1 + h + t / (m + 1)."""
+    return 1.0 + np.asarray(h, dtype=float) + np.asarray(t, dtype=float) / (np.asarray(m, dtype=float) + 1.0)
+
+
+def recall_within(h: np.ndarray, t: np.ndarray, m: np.ndarray, k: int) -> np.ndarray:
+    """Per query, P(a relevant item is in the top k) over random tie-breaks."""
+    return np.array([1.0 - _none_in_first(int(ti), int(mi), k - int(hi)) if k > hi else 0.0
+                     for hi, ti, mi in zip(h, t, m)], dtype=float)
+
+
+def reciprocal_rank(h: np.ndarray, t: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Per query, E[1 / rank of the first relevant item] over random tie-breaks."""
+    out = []
+    for hi, ti, mi in zip(h, t, m):
+        hi, ti, mi = int(hi), int(ti), int(mi)
+        out.append(sum((_none_in_first(ti, mi, p - 1) - _none_in_first(ti, mi, p)) / (hi + p) for p in range(1, ti + 2)))
+    return np.array(out, dtype=float)
+
+
+def rank_values(name: str, h: np.ndarray, t: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Per-query values whose mean (median for ``median_rank``) is rank metric ``name``."""
+    if name.startswith("recall_at_"):
+        return recall_within(h, t, m, int(name.removeprefix("recall_at_")))
+    if name in ("mean_rank", "median_rank"):
+        return expected_rank(h, t, m)
+    if name == "mrr":
+        return reciprocal_rank(h, t, m)
+    raise ValueError(f"'{name}' is not a rank metric")
+
+
+def rank_metric(name: str, values: np.ndarray) -> float:
+    """Aggregate per-query :func:`rank_values` into the metric (median for ``median_rank``, else mean)."""
+    return float(np.median(values) if name == "median_rank" else np.mean(values))
+
+
+def _rank_metric(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    def fn(y: np.ndarray, scores: np.ndarray) -> float:
+        return rank_metric(name, rank_values(name, *tie_counts(y, scores)))
+
+    fn.__name__ = name
+    return fn
+
+
+for _k in (1, 5, 10):
+    metric(f"recall_at_{_k}", f"share of queries with a relevant item in the top {_k} (expected over random tie-breaks); "
+           f"top-{_k} accuracy on class scores")(_rank_metric(f"recall_at_{_k}"))
+metric("mean_rank", "mean rank of the first relevant item (1 = best; ties: 1 + higher + tied / (relevant tied + 1))",
+       higher_is_better=False)(_rank_metric("mean_rank"))
+metric("median_rank", "median over queries of the (expected) rank of the first relevant item (1 = best)",
+       higher_is_better=False)(_rank_metric("median_rank"))
+metric("mrr", "mean reciprocal rank of the first relevant item (expected over random tie-breaks)")(_rank_metric("mrr"))
+
+RANK_METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "median_rank", "mean_rank", "mrr")
+"""The rank metrics: they also take a boolean relevance matrix as ``y`` (retrieval with several relevant items)."""
+
+
+def metric_for(name: str) -> Metric:
+    """The registered metric behind a stored metric name, qualified ones included
+    (``image_to_text/recall_at_1``, ``dme/balanced_accuracy``)."""
+    return METRICS.get(name.rsplit("/", 1)[-1])
 
 
 def compute_metrics(names: list[str] | tuple[str, ...], y_true: np.ndarray, proba: np.ndarray) -> dict:

@@ -8,7 +8,7 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
 from retbench.errors import RetbenchError, UnknownNameError
-from retbench.metrics import METRICS, compute_metrics
+from retbench.metrics import METRICS, RANK_METRICS, compute_metrics
 
 
 def _data(n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +48,18 @@ def _aupr(y: np.ndarray, proba: np.ndarray) -> float:
     return skm.average_precision_score(label_binarize(y, classes=np.arange(proba.shape[1])), proba, average="macro")
 
 
+def _top_k(y: np.ndarray, proba: np.ndarray, k: int) -> float:
+    if k >= proba.shape[1]:
+        return 1.0  # every class is in the top k (scikit-learn says so with a warning)
+    if proba.shape[1] == 2:  # scikit-learn wants the positive class's scores for binary problems
+        return skm.top_k_accuracy_score(y, proba[:, 1], k=k, labels=[0, 1])
+    return skm.top_k_accuracy_score(y, proba, k=k, labels=np.arange(proba.shape[1]))
+
+
+def _onehot(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    return np.eye(proba.shape[1], dtype=int)[y]
+
+
 REFERENCES = {
     "accuracy": lambda y, p, pred: skm.accuracy_score(y, pred),
     "aca": lambda y, p, pred: skm.balanced_accuracy_score(y, pred),
@@ -60,6 +72,14 @@ REFERENCES = {
     "mcc": lambda y, p, pred: skm.matthews_corrcoef(y, pred),
     "sensitivity_per_class": lambda y, p, pred: _per_class_recall(y, pred, p.shape[1]),
     "specificity_per_class": lambda y, p, pred: _per_class_specificity(y, pred, p.shape[1]),
+    "balanced_accuracy": lambda y, p, pred: skm.balanced_accuracy_score(y, pred),
+    # rank metrics on class scores (no ties in these data; ties: tests/test_retrieval.py)
+    "recall_at_1": lambda y, p, pred: _top_k(y, p, 1),
+    "recall_at_5": lambda y, p, pred: _top_k(y, p, 5),
+    "recall_at_10": lambda y, p, pred: _top_k(y, p, 10),
+    "mean_rank": lambda y, p, pred: skm.coverage_error(_onehot(y, p), p),
+    "median_rank": lambda y, p, pred: np.median((p > p[np.arange(len(y)), y][:, None]).sum(1) + 1),
+    "mrr": lambda y, p, pred: skm.label_ranking_average_precision_score(_onehot(y, p), p),
 }
 
 
@@ -80,7 +100,8 @@ def test_metric_matches_sklearn(name: str, n_classes: int, seed: int) -> None:
     else:
         assert isinstance(got, float)
         assert got == pytest.approx(float(expected), abs=1e-12)
-        assert 0.0 < abs(got) < 1.0  # informative but imperfect data: a constant would not pass
+        if name not in RANK_METRICS:  # ranks start at 1; top-5 of 2 or 5 classes is always right
+            assert 0.0 < abs(got) < 1.0  # informative but imperfect data: a constant would not pass
 
 
 def test_perfect_and_inverted_predictions() -> None:
@@ -105,7 +126,7 @@ def test_declares_direction_and_description(name: str) -> None:
     m = METRICS.get(name)
     assert m.name == name
     assert type(m.higher_is_better) is bool
-    assert m.higher_is_better is True  # every shipped metric is a score, not a loss
+    assert m.higher_is_better is (name not in ("mean_rank", "median_rank"))  # every other metric is a score
     assert isinstance(m.description, str) and m.description
 
 

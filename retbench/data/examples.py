@@ -67,6 +67,7 @@ class Examples:
     given_split: list[str] | None
     images: FileImages | ArrayImages
     dropped: dict[str, list[str]] = field(default_factory=dict)
+    item_of: np.ndarray | None = None  # per row, its item (a retrieval pair): an item's rows always share a split
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,16 +91,33 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def load_examples(spec: TaskSpec, root: Path) -> Examples:
-    """Read ``spec``'s source under ``root`` and check that every image is there."""
+    """Read ``spec``'s source under ``root`` and check that every image is there.
+
+    For a retrieval task these are the images of every image side (one row per image, tied to
+    its pair by ``item_of``); for a VQA task, one row per image.
+    """
+    if spec.kind == "retrieval":
+        from retbench.data.pairs import load_pairs
+
+        return load_pairs(spec, root).examples
+    if spec.kind == "vqa":
+        from retbench.data.questions import load_questions
+
+        return load_questions(spec, root).examples
     from retbench.data.sources import SOURCES
 
     examples = SOURCES.get(spec.source.kind)(spec, root)
+    check_examples(spec, root, examples)
+    return examples
+
+
+def check_examples(spec: TaskSpec, root: Path, examples: Examples) -> None:
+    """Fail with one message if ``examples`` is empty or any of its images is missing."""
     if len(examples) == 0:
         raise DataError(f"task '{spec.name}': the source under {root} yields no labelled examples")
     missing = examples.images.missing(examples.ids)
     if missing:
         raise DataError(missing_message(spec, root, missing, len(examples)))
-    return examples
 
 
 def missing_message(spec: TaskSpec, root: Path, missing: list[str], total: int) -> str:

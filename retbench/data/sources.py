@@ -104,6 +104,45 @@ def _need(path: Path, spec: TaskSpec, root: Path) -> Path:
     return path
 
 
+def _read_csv_file(csv_path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(csv_path, dtype=object, keep_default_na=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: unreadable CSV: {exc}") from None
+
+
+def read_frame(spec: TaskSpec, root: Path, csv_path: Path) -> pd.DataFrame:
+    """One CSV of a source as strings, with the source's ``join`` CSVs merged in (row order kept).
+
+    Every row must find exactly one match in each joined CSV (keys compared as stripped strings);
+    a column the frame already has is not taken from the joined CSV.
+    """
+    frame = _read_csv_file(csv_path)
+    for join in spec.source.join:
+        other_path = _need(root / join.path, spec, root)
+        other = _read_csv_file(other_path)
+        for col, table, where in ((join.key, frame, csv_path), (join.join_key, other, other_path)):
+            if col not in table.columns:
+                raise DataError(f"{where}: no column '{col}' to join on (columns: {', '.join(map(str, table.columns))})")
+        keys = other[join.join_key].astype(str).str.strip()
+        if keys.duplicated().any():
+            raise DataError(f"{other_path}: key '{keys[keys.duplicated()].iloc[0]}' appears twice in column "
+                            f"'{join.join_key}'; a joined CSV needs one row per key")
+        wanted = list(join.columns) or [c for c in other.columns if c != join.join_key]
+        unknown = [c for c in wanted if c not in other.columns]
+        if unknown:
+            raise DataError(f"{other_path}: no column '{unknown[0]}' (columns: {', '.join(map(str, other.columns))})")
+        lookup = other.assign(_key=keys).set_index("_key")[[c for c in wanted if c not in frame.columns]]
+        left = frame[join.key].astype(str).str.strip()
+        unmatched = ~left.isin(lookup.index)
+        if unmatched.any():
+            row = int(np.flatnonzero(unmatched.to_numpy())[0])
+            raise DataError(f"{csv_path}: row {row + 2}: '{left.iloc[row]}' (column '{join.key}') has no row in "
+                            f"{other_path} (column '{join.join_key}'); {int(unmatched.sum())} rows unmatched")
+        frame = pd.concat([frame.reset_index(drop=True), lookup.loc[left.to_numpy()].reset_index(drop=True)], axis=1)
+    return frame
+
+
 @SOURCES.register("csv")
 def read_csv(spec: TaskSpec, root: Path) -> Examples:
     """CSV manifest(s): one row per image; ``files`` gives one CSV per given split."""
@@ -115,10 +154,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
     for split, rel in files.items():
         csv_path = _need(root / rel, spec, root)
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
-        try:
-            frame = pd.read_csv(csv_path, dtype=object, keep_default_na=True)
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{csv_path}: unreadable CSV: {exc}") from None
+        frame = read_frame(spec, root, csv_path)
         for col in [src.image_column, src.label_column, src.patient_column, src.split_column]:
             if col is not None and col not in frame.columns:
                 raise DataError(f"{csv_path}: no column '{col}' (columns: {', '.join(map(str, frame.columns))})")

@@ -14,7 +14,13 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 
 
 def make_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
-    """Index arrays per split (``train``, optional ``val``, ``test``), never empty."""
+    """Index arrays per split (``train``, optional ``val``, ``test``), never empty.
+
+    Examples grouped into items (``examples.item_of``: the images of one retrieval pair) are split
+    item by item, each item with the label, patient and given split of its first row.
+    """
+    if examples.item_of is not None:
+        return _item_splits(spec, examples)
     if spec.splits.strategy == "given":
         splits = _given(spec, examples)
     else:
@@ -29,6 +35,17 @@ def make_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
         if len(ids) == 0:
             raise DataError(f"task '{spec.name}': split '{name}' is empty")
     return splits
+
+
+def _item_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
+    items, first = np.unique(examples.item_of, return_index=True)
+    per_item = Examples(
+        ids=[examples.ids[i] for i in first], labels=examples.labels[first],
+        patients=[examples.patients[i] for i in first],
+        given_split=None if examples.given_split is None else [examples.given_split[i] for i in first],
+        images=examples.images,
+    )
+    return {name: np.flatnonzero(np.isin(examples.item_of, items[idx])) for name, idx in make_splits(spec, per_item).items()}
 
 
 def _groups(spec: TaskSpec, examples: Examples, subset: np.ndarray | None = None) -> np.ndarray | None:

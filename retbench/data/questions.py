@@ -1,0 +1,135 @@
+"""VQA questions: per image of a CSV or folder source, the answer to each question of the spec (or none).
+
+A question reads one column (a folder-per-class source has one: ``folder``, the image's class folder):
+raw values map to its candidate answers through each answer's ``match`` list, or through ``bins`` for a
+numeric score; empty cells and the question's ``missing`` values mean the question is not asked about
+that image. An image none of whose questions has an answer is dropped (recorded). The split is by
+patient, stratified on the answer to the image's first answered question.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retbench.data.examples import Examples, FileImages, check_examples, missing_message
+from retbench.data.sources import IMAGE_SUFFIXES, _drop_conflicts, _need, _raw_key, patient_of, read_frame
+from retbench.errors import DataError
+from retbench.spec import QuestionSpec, TaskSpec
+
+
+@dataclass
+class QuestionData:
+    """The images of a VQA task and, per question, each image's answer index (-1: not asked)."""
+
+    spec: TaskSpec
+    examples: Examples
+    answers: np.ndarray  # (N images, Q questions)
+
+    def asked(self, q: int) -> np.ndarray:
+        """Boolean mask of the images question ``q`` is asked about."""
+        return self.answers[:, q] >= 0
+
+
+class AnswerMapper:
+    """Raw cell value → answer index of one question (None: not asked)."""
+
+    def __init__(self, question: QuestionSpec) -> None:
+        self.question = question
+        self.lookup = {m: i for i, a in enumerate(question.answers) for m in a.match}
+
+    def __call__(self, value: Any, where: str) -> int | None:
+        key = _raw_key(value)
+        q = self.question
+        if key is None or key in q.missing:
+            return None
+        if q.bins:
+            try:
+                return int(np.digitize(float(key), q.bins))
+            except ValueError:
+                raise DataError(f"{where}: '{key}' in column '{q.column}' is not a number (question '{q.name}' "
+                                "bins a score)") from None
+        if key not in self.lookup:
+            raise DataError(f"{where}: '{key}' in column '{q.column}' is no answer of question '{q.name}' "
+                            f"(answers match {sorted(self.lookup)}; list other values under 'missing')")
+        return self.lookup[key]
+
+
+def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[str, Any]]], Path]:
+    """(where, given split, record) per CSV row, and the image root."""
+    src, out = spec.source, []
+    image_root = root
+    for split, rel in (src.files or {None: src.path}).items():
+        csv_path = _need(root / rel, spec, root)
+        image_root = root / src.image_root if src.image_root is not None else csv_path.parent
+        frame = read_frame(spec, root, csv_path)
+        assert spec.vqa is not None
+        for col in [src.image_column, src.patient_column, src.split_column] + [q.column for q in spec.vqa.questions]:
+            if col is not None and col not in frame.columns:
+                raise DataError(f"{csv_path}: no column '{col}' (columns: {', '.join(map(str, frame.columns))})")
+        for i, rec in enumerate(frame.to_dict("records")):
+            out.append((f"{csv_path}: row {i + 2}", split if split is not None else
+                        (rec[src.split_column] if src.split_column else None), rec))
+    return out, image_root
+
+
+def _folder_records(spec: TaskSpec, root: Path, dropped: dict[str, list[str]]) -> tuple[list, Path]:
+    """A folder per class: each image is a record whose column ``folder`` is its class folder's name."""
+    src = spec.source
+    base = _need(root / src.path, spec, root)
+    rows = []
+    for split, sub in (src.split_dirs or {None: ""}).items():
+        split_root = base / sub
+        if not split_root.is_dir():
+            raise DataError(missing_message(spec, root, [str(split_root.relative_to(root)) + "/"], 1))
+        for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir()):
+            for img in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                rows.append((str(img.relative_to(base)), class_dir.name, split))
+    if src.drop_conflicting_duplicates:
+        rows, dropped["conflicting_duplicate"] = _drop_conflicts(rows, base)
+    return [(f"{base / image}", split, {"image": image, "folder": folder}) for image, folder, split in rows], base
+
+
+def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
+    """Read the images of a ``kind: vqa`` task and their answers (no check that the images exist)."""
+    assert spec.vqa is not None, "read_questions needs a vqa task"
+    src, questions = spec.source, spec.vqa.questions
+    dropped: dict[str, list[str]] = defaultdict(list)
+    if src.kind == "folder":
+        records, image_root = _folder_records(spec, root, dropped)
+        image_column = "image"
+    else:
+        records, image_root = _csv_records(spec, root)
+        image_column = src.image_column
+    mappers = [AnswerMapper(q) for q in questions]
+    offsets = spec.vqa.offsets()
+    ids, labels, patients, given, answers = [], [], [], [], []
+    for where, split, rec in records:
+        image_id = str(rec[image_column])
+        row = [m(rec[q.column], where) for m, q in zip(mappers, questions)]
+        asked = [j for j, a in enumerate(row) if a is not None]
+        if not asked:
+            dropped["no_answer"].append(image_id)
+            continue
+        ids.append(image_id)
+        labels.append(offsets[asked[0]] + row[asked[0]])
+        patients.append(patient_of(spec, image_id, rec.get(src.patient_column) if src.patient_column else None))
+        given.append(split)
+        answers.append([-1 if a is None else a for a in row])
+    examples = Examples(
+        ids=ids, labels=np.asarray(labels, dtype=np.int64), patients=patients,
+        given_split=given if ids and all(g is not None for g in given) else None,
+        images=FileImages(image_root), dropped={k: v for k, v in dropped.items() if v},
+    )
+    return QuestionData(spec, examples, np.asarray(answers, dtype=np.int64).reshape(len(ids), len(questions)))
+
+
+def load_questions(spec: TaskSpec, root: Path) -> QuestionData:
+    """Read the questions' answers and check that every image exists."""
+    data = read_questions(spec, root)
+    check_examples(spec, root, data.examples)
+    return data

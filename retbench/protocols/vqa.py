@@ -1,0 +1,196 @@
+"""Closed-form VQA protocols: each question type is a small classification problem of its own.
+
+For every question of the task, the images it is asked about become a classification task
+whose classes are the question's candidate answers; the classification protocols then run
+unchanged on it, on the task's split (by patient):
+
+``vqa.zero_shot`` (image-text models) scores each candidate answer's "question + answer" text
+(the spec's ``answer_template``, one text per phrasing of the answer, L2-normalised and averaged
+per answer, renormalised) against the image's image-text embedding: softmax of 100 × cosine,
+the best-scoring answer is the prediction — :mod:`retbench.protocols.zero_shot` on the
+answer texts, on the test images.
+
+``vqa.probe`` (every model) is :mod:`retbench.protocols.linear_probe` per question type: the
+question selects its own logistic-regression head on the frozen image features (one head per
+question type, not one probe on [features, one-hot question]); C searched on a validation split
+carved from train by patient, refit on train+val, 5 seeds.
+
+Metrics are computed per question type (``<question>/accuracy``, ``<question>/balanced_accuracy``)
+and averaged without weights over the question types (``accuracy``, ``balanced_accuracy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retbench.data.examples import Examples
+from retbench.data.questions import QuestionData
+from retbench.errors import DataError
+from retbench.metrics import METRICS
+from retbench.protocols.base import Context, ProtocolOutput
+from retbench.protocols.kind_output import (
+    BOOTSTRAP_RESAMPLES,
+    KindOutput,
+    part_means,
+    percentile_bootstrap,
+    summarize_flat,
+)
+from retbench.protocols.linear_probe import LINEAR_PROBE
+from retbench.protocols.zero_shot import ZERO_SHOT
+from retbench.spec import ClassSpec, TaskSpec
+
+ZERO_SHOT_SCALE = 100.0
+
+
+@dataclass
+class VQAContext:
+    """Inputs of one VQA run: the images' answers, the image-level split and lazy feature getters."""
+
+    spec: TaskSpec
+    data: QuestionData
+    splits: dict[str, np.ndarray]
+    features: Callable[[], np.ndarray]
+    joint_features: Callable[[], np.ndarray] | None
+    encode_text: Callable[[list[str]], np.ndarray] | None
+    device: torch.device
+    valid: Callable[[], np.ndarray]
+
+
+def question_task(ctx: VQAContext, q: int) -> tuple[Context, np.ndarray]:
+    """Question ``q`` as a classification :class:`Context` over the images it is asked about, and those images' indices."""
+    assert ctx.spec.vqa is not None
+    question = ctx.spec.vqa.questions[q]
+    rows = np.flatnonzero(ctx.data.asked(q) & ctx.valid())
+    position = np.full(len(ctx.data.examples), -1)
+    position[rows] = np.arange(len(rows))
+    splits = {s: position[idx][position[idx] >= 0] for s, idx in ctx.splits.items()}
+    for s in ("train", "test"):
+        if s in splits and len(splits[s]) == 0:
+            raise DataError(f"task '{ctx.spec.name}': question '{question.name}' is asked about no {s} image")
+    texts = ctx.spec.vqa.answer_texts(question)
+    classes = tuple(ClassSpec(a.name, a.match, tuple(t)) for a, t in zip(question.answers, texts))
+    spec = dataclasses.replace(ctx.spec, name=f"{ctx.spec.name}/{question.name}", kind="classification",
+                               problem="binary" if len(classes) == 2 else "multiclass", classes=classes,
+                               prompt_template="{}", vqa=None)
+    ex = ctx.data.examples
+    examples = Examples(ids=[ex.ids[i] for i in rows], labels=ctx.data.answers[rows, q], patients=[ex.patients[i] for i in rows],
+                        given_split=None, images=ex.images)
+    joint = ctx.joint_features
+    sub = Context(spec=spec, examples=examples, splits=splits, features=lambda: ctx.features()[rows],
+                  joint_features=(lambda: joint()[rows]) if joint is not None else None, encode_text=ctx.encode_text,
+                  device=ctx.device, valid=lambda: np.ones(len(rows), dtype=bool))
+    return sub, rows
+
+
+def combine(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]], bootstrap: bool) -> KindOutput:
+    """Per-seed runs with per-question and mean metrics; summaries (t over seeds, or a bootstrap for one run)."""
+    names = ctx.spec.metrics
+    seeds = sorted({r.seed for out, _ in outputs.values() for r in out.runs})
+    runs, run_metrics = [], []
+    for seed in seeds:
+        per_q, records = {}, {}
+        for qname, (out, rows) in outputs.items():
+            run = next(r for r in out.runs if r.seed == seed)
+            per_q[qname] = {n: run.metrics[n] for n in names}
+            records[qname] = {"index": rows[run.indices].tolist(), "y_true": run.y_true.tolist(),
+                              "proba": np.round(run.proba, 6).tolist(), **run.extra}
+        metrics = part_means(per_q, names)
+        run_metrics.append(metrics)
+        runs.append({"seed": seed, "k": None, "metrics": metrics, "questions": records})
+    test_images = sorted({i for out, rows in outputs.values() for r in out.runs for i in rows[r.indices].tolist()})
+    interval = _bootstrapper(ctx, outputs, np.asarray(test_images)) if bootstrap and len(runs) == 1 else None
+    method = f"percentile bootstrap over test images, unstratified ({BOOTSTRAP_RESAMPLES} resamples, seed 0)"
+    summary = summarize_flat(run_metrics, interval, (ctx.spec.primary_metric,), method)
+    return KindOutput(runs, summary, {}, len(test_images))
+
+
+def _bootstrapper(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]],
+                  test_images: np.ndarray) -> Callable[[str], tuple[float, float]]:
+    """CI of a headline metric (mean over question types) over resampled test images."""
+    n_images = len(ctx.data.examples)
+    parts = []
+    for out, rows in outputs.values():
+        run = out.runs[0]
+        lookup = np.full(n_images, -1)
+        lookup[rows[run.indices]] = np.arange(len(run.indices))
+        parts.append((lookup, run.y_true, run.proba))
+
+    def interval(name: str) -> tuple[float, float]:
+        metric = METRICS.get(name)
+
+        def statistic(i: np.ndarray) -> float:
+            values = []
+            for lookup, y, proba in parts:
+                sel = lookup[test_images[i]]
+                sel = sel[sel >= 0]
+                values.append(float(metric(y[sel], proba[sel])) if len(sel) else float("nan"))
+            return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+
+        return percentile_bootstrap(statistic, len(test_images))
+
+    return interval
+
+
+@dataclass(frozen=True)
+class VQAZeroShot:
+    """Candidate answers' "question + answer" texts scored against the image (image-text models)."""
+
+    name: str = "vqa.zero_shot"
+    description: str = ("each candidate answer's 'question + answer' texts against the image-text embedding, "
+                        "softmax(100 x cosine), best answer; per question type, on test")
+    kind: str = "vqa"
+    needs_text: bool = True
+
+    def run(self, ctx: VQAContext) -> KindOutput:
+        """Answer every question about every test image it is asked about."""
+        assert ctx.spec.vqa is not None
+        outputs = {}
+        for q, question in enumerate(ctx.spec.vqa.questions):
+            sub, rows = question_task(ctx, q)
+            outputs[question.name] = (ZERO_SHOT.run(sub), rows)
+        result = combine(ctx, outputs, bootstrap=True)
+        result.settings = {
+            "answer_template": ctx.spec.vqa.answer_template,
+            "answer_texts": {q.name: ctx.spec.vqa.answer_texts(q) for q in ctx.spec.vqa.questions},
+            "logit_scale": ZERO_SHOT_SCALE, "renormalize": True,
+            "scoring": "answer texts L2-normalised, averaged per answer and renormalised; softmax(scale x cosine)",
+        }
+        return result
+
+
+@dataclass(frozen=True)
+class VQAProbe:
+    """One logistic-regression head per question type on frozen image features (every model)."""
+
+    name: str = "vqa.probe"
+    description: str = ("per question type, a logistic-regression head on frozen image features (the question selects "
+                        "the head); C searched on validation carved from train by patient, 5 seeds")
+    kind: str = "vqa"
+    needs_text: bool = False
+    seeds: tuple[int, ...] = LINEAR_PROBE.seeds
+
+    def run(self, ctx: VQAContext) -> KindOutput:
+        """Fit and score one head per question, per seed."""
+        assert ctx.spec.vqa is not None
+        probe = dataclasses.replace(LINEAR_PROBE, seeds=self.seeds)
+        outputs, solver, settings = {}, {}, {}
+        for q, question in enumerate(ctx.spec.vqa.questions):
+            sub, rows = question_task(ctx, q)
+            out = probe.run(sub)
+            outputs[question.name] = (out, rows)
+            settings = {k: v for k, v in out.settings.items() if k not in ("solver", "seeds")}
+            solver[question.name] = out.settings.get("solver", {})
+        result = combine(ctx, outputs, bootstrap=False)
+        result.settings = {"heads": "one multinomial logistic regression per question type (the question selects the "
+                           "head)", "seeds": list(self.seeds), **settings, "solver": solver,
+                           "selection_metric": ctx.spec.primary_metric}
+        return result
+
+
+VQA_ZERO_SHOT = VQAZeroShot()
+VQA_PROBE = VQAProbe()
