@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
-# The main job: benchmark baseline models on every bundled task with the three protocols, then
-# write the leaderboards. Finished results are skipped on a rerun (features are cached).
+# The main job, on the real bundled corpus (../shared/data):
+#   1. pretrain two small local foundation models on the bundled images (CPU presets, minutes each):
+#      MAE (RETFound's recipe) and FLAIR-style image-label-text alignment; every evaluation test image is
+#      excluded from pretraining by content;
+#   2. benchmark them, the same architectures randomly initialised (--weights random) and three baselines
+#      on every bundled task with linear probe, few-shot and zero-shot;
+#   3. write the leaderboards (markdown, CSV, HTML, figures) with Wilcoxon tests against the baselines.
+# Finished pretraining and results are skipped on a rerun (features are cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
 export RETBENCH_DATA=${RETBENCH_DATA:-$(cd .. && pwd)/shared/data}
-.venv/bin/retbench run --model "${MODELS:-classical,timm:resnet18,tinyclip}" --task @bundled \
-  --protocol linear_probe,few_shot,zero_shot --results-dir "${RESULTS:-results}" --leaderboard leaderboards "$@"
-.venv/bin/retbench results --results-dir "${RESULTS:-results}" --csv "${RESULTS:-results}/results.csv"
+RB=.venv/bin/retbench
+RESULTS=${RESULTS:-results}
+RUNS=${RUNS:-runs}
+
+for recipe in mae flair; do
+  [ -f "$RUNS/$recipe/retbench_model.json" ] || $RB pretrain --recipe "$recipe" --data @bundled --out "$RUNS/$recipe"
+done
+$RB run --model "${MODELS:-classical,timm:resnet18,tinyclip,local:$RUNS/mae,local:$RUNS/flair}" --task @bundled \
+  --results-dir "$RESULTS" "$@"
+$RB run --model "local:$RUNS/mae,local:$RUNS/flair" --weights random --task @bundled --results-dir "$RESULTS" "$@"
+$RB leaderboard --results-dir "$RESULTS" --out leaderboards \
+  --baseline classical --baseline local:mae@random --baseline local:flair@random
+$RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
