@@ -33,7 +33,6 @@ store their ``args`` next to ``model``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import nn
 
 from retbench.adapters import Adapter
 from retbench.errors import RetbenchError
-from retbench.weights import NESTED_KEYS, load_checkpoint
+from retbench.weights import load_state_dict
 
 LN_EPS = 1e-6
 
@@ -124,25 +123,9 @@ def read_state_dict(path: str | Path, key: str | None) -> dict[str, torch.Tensor
     Renames (RETFound ``main_finetune.py``): drop a leading ``module.``, strip ``backbone.``,
     ``mlp.w12.`` -> ``mlp.fc1.``, ``mlp.w3.`` -> ``mlp.fc2.``.
     """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = load_checkpoint(path)
-    if key is not None:
-        if not isinstance(obj, dict) or key not in obj:
-            keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
-            raise RetbenchError(f"{path}: checkpoint has no key '{key}' (top-level keys: {keys})")
-        obj = obj[key]
-    else:
-        for nested in NESTED_KEYS:
-            if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
-                obj = obj[nested]
-    if not isinstance(obj, dict):
-        raise RetbenchError(f"{path}: expected a state dict, got {type(obj).__name__}")
     out: dict[str, torch.Tensor] = {}
-    for name, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        name = name.removeprefix("module.").replace("backbone.", "")
-        name = name.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")
+    for name, value in load_state_dict(path, key).items():  # safe load, wrappers and ``module.`` handled there
+        name = name.replace("backbone.", "").replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")
         out[name] = value
     return out
 

@@ -33,16 +33,16 @@ What is reproduced, and where each convention comes from (all in github.com/ABIL
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from model_adapters._mae_vit import interpolate_pos_embed
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import Preprocess
+from retbench.weights import load_checkpoint
 
 N_LAST_BLOCKS = 4
 DRIVE = "https://drive.google.com/file/d/{}/view"
@@ -100,7 +100,7 @@ class VisionFMAdapter(Adapter):
         finally:
             torch.random.set_rng_state(state)
         if path is not None:
-            self.model.load_state_dict(visionfm_encoder_state(path, self.model.state_dict()), strict=True)
+            self.model.load_state_dict(visionfm_encoder_state(path, self.model), strict=True)
         self.model.eval().to(self.device)
 
     @torch.inference_mode()
@@ -117,9 +117,9 @@ class VisionFMAdapter(Adapter):
         return torch.cat(cls_tokens, dim=-1).float()
 
 
-def visionfm_encoder_state(path: str | Path, own: dict[str, torch.Tensor], key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The encoder state dict inside a VisionFM checkpoint, named and shaped like ``own`` (timm ViT)."""
-    obj = _load(path)
+def visionfm_encoder_state(path: str | Path, model: torch.nn.Module, key: str = "teacher") -> dict[str, torch.Tensor]:
+    """The encoder state dict inside a VisionFM checkpoint, named and shaped like ``model`` (timm ViT)."""
+    obj = load_checkpoint(path)
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
         obj = obj[key]
     if not isinstance(obj, dict):
@@ -128,30 +128,11 @@ def visionfm_encoder_state(path: str | Path, own: dict[str, torch.Tensor], key: 
     for name, value in obj.items():
         if isinstance(value, torch.Tensor):
             state[name.removeprefix("module.").removeprefix("backbone.")] = value
+    own = model.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
         raise RetbenchError(f"{path}: {len(missing)} VisionFM encoder parameters missing (e.g. {missing[:3]}); "
                             f"expected the iBOT teacher under key '{key}' with backbone.* names")
     state = {k: state[k] for k in own}
-    if state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], own["pos_embed"].shape[1] - 1)
+    interpolate_pos_embed(model, state)  # bicubic, align_corners=False, class token kept: as VisionFM's utils
     return state
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, n_patches: int, n_prefix: int = 1) -> torch.Tensor:
-    """Bicubic resize (``align_corners=False``) of a square patch grid; prefix tokens kept (VisionFM utils)."""
-    prefix, grid = pos_embed[:, :n_prefix], pos_embed[0, n_prefix:]
-    old, new = round(grid.shape[0] ** 0.5), round(n_patches ** 0.5)
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
-def _load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)``, allowing the argparse Namespace iBOT checkpoints carry."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise RetbenchError(f"cannot load weights {path} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None

@@ -149,11 +149,12 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
     tasks: dict[str, TaskData] = {}
     for model in config.models:
         adapter: Adapter | None = None
+        stored_as = run_name(model, config.weights)
         for task_name in config.tasks:
             spec = get_task(task_name)
             pending = []
             for p in select_protocols(spec, config.protocols):
-                path = result_path(results_root, run_name(model, config.weights), spec.name, p)
+                path = result_path(results_root, stored_as, spec.name, p)
                 if path.exists() and not config.overwrite:
                     out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
                 else:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from retbench.errors import DataError, RetbenchError
 from retbench.preprocess import Preprocess
-from retbench.pretrain.dedup import HashCache, ImageItem, exclude_matches, file_items, task_items
+from retbench.pretrain.dedup import HashCache, ImageItem, example_items, exclude_matches, file_items, task_items
 from retbench.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -70,7 +70,7 @@ def _task_sources(name: str, data_root: Path, labels: dict[str, int]) -> list[Pr
     spec = get_task(name)
     examples = load_examples(spec, data_root)
     train = make_splits(spec, examples)["train"]
-    items = task_items(name, data_root, split="train")
+    items = example_items(name, examples, train)
     out = []
     for it, i in zip(items, train):
         cls = spec.classes[int(examples.labels[i])]

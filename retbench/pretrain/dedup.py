@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -146,13 +147,20 @@ def file_items(source: str, paths: Iterable[Path], root: Path | None = None) -> 
 
 def task_items(task: str, data_root: Path, split: str | None = "test") -> list[ImageItem]:
     """Items for a task's images: one split (default ``test``) or all of them (``split=None``)."""
-    from retbench.data.examples import FileImages, load_examples
+    from retbench.data.examples import load_examples
     from retbench.data.splits import make_splits
     from retbench.tasks import get_task
 
     spec = get_task(task)
     examples = load_examples(spec, data_root)
     indices = make_splits(spec, examples)[split] if split else np.arange(len(examples))
+    return example_items(task, examples, indices)
+
+
+def example_items(task: str, examples: Any, indices: Sequence[int]) -> list[ImageItem]:
+    """Items for ``indices`` of already loaded :class:`~retbench.data.examples.Examples`."""
+    from retbench.data.examples import FileImages
+
     images = examples.images
     if isinstance(images, FileImages):
         return file_items(task, [images.path(examples.ids[i]) for i in indices], root=images.root)
