@@ -11,6 +11,7 @@ import torch
 from retbench.adapters import load_model
 from retbench.cli import main
 from retbench.errors import RetbenchError
+from retbench.pretrain.cli import parse_options
 from retbench.pretrain.recipe import RECIPES
 from retbench.pretrain.recipes.mae import patchify, sincos_2d
 from retbench.pretrain.trainer import PretrainConfig, batch_indices, learning_rate, pretrain, resolve_settings
@@ -37,6 +38,18 @@ def test_settings_come_from_the_preset_with_overrides(config):
         resolve_settings(replace(config, preset="tpu"))
 
 
+def test_recipe_options_override_the_preset_and_unknown_keys_are_named(config):
+    s = resolve_settings(replace(config, options=(("mask_ratio", 0.5), ("norm_pix_loss", False))))
+    assert s.extra["mask_ratio"] == 0.5 and s.extra["norm_pix_loss"] is False
+    assert s.extra["decoder_depth"] == RECIPES.get("mae").presets["cpu"].extra["decoder_depth"]
+    with pytest.raises(RetbenchError, match="no option 'mask_ratoi'; its options: decoder_depth"):
+        resolve_settings(replace(config, options=(("mask_ratoi", 0.5),)))
+    assert parse_options(["mask_ratio=0.6", "norm_pix_loss=false", "name=abc"]) == (
+        ("mask_ratio", 0.6), ("norm_pix_loss", False), ("name", "abc"))
+    with pytest.raises(RetbenchError, match="expected KEY=VALUE"):
+        parse_options(["mask_ratio"])
+
+
 def test_schedule_and_batches_are_deterministic(config):
     s = resolve_settings(replace(config, steps=100))
     lrs = [learning_rate(s, i) for i in range(100)]
@@ -57,13 +70,14 @@ def test_mae_helpers():
 
 
 def test_pretrain_exports_a_local_model_with_card_and_curve(config):
-    out = pretrain(config)
+    out = pretrain(replace(config, options=(("norm_pix_loss", False),)))
     log = json.loads((out / "loss.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
     report = json.loads((out / "data_report.json").read_text())
     assert report["held_out_tasks"] == [TASK] and report["images_kept"] <= report["images_found"]
     card = (out / "MODEL_CARD.md").read_text()
     assert "mae" in card and TASK in card and "![loss](loss.png)" in card
+    assert "mask_ratio=0.75, norm_pix_loss=False" in card
     assert (out / "loss.png").stat().st_size > 1000
     model = load_model(f"local:{out}")
     assert model.preprocess.size == 32

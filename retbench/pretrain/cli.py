@@ -37,6 +37,9 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="timm architecture for the vision encoder (default: the preset's)")
     p.add_argument("--text-tower", default="minilm", help="minilm (offline, bundled) or hf:<id or folder>")
     p.add_argument("--init", help="initial vision model for refinement recipes, e.g. local:runs/mae")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the recipe's settings (e.g. mask_ratio=0.6; values are JSON, else text); "
+                        "an unknown key lists the recipe's options (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and augmentations (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-root", help="folder holding the datasets (default: $RETBENCH_DATA)")
@@ -59,8 +62,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, arch=args.arch, text_tower=args.text_tower,
         init=args.init, seed=args.seed, device=args.device, data_root=args.data_root,
         exclude=_csv_list(args.exclude) or ("@all",), exclude_all_images=args.exclude_all_images,
-        checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir,
+        checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, options=parse_options(args.option),
     )
     out = pretrain(config)
     err.print(f"model written to {out}: evaluate it with --model local:{out}", highlight=False)
     return 0
+
+
+def parse_options(items: list[str]) -> tuple[tuple[str, object], ...]:
+    """``KEY=VALUE`` strings → (key, value) pairs; values are parsed as JSON where they are JSON."""
+    import json
+
+    from retbench.errors import RetbenchError
+
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RetbenchError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((key.strip(), value))
+    return tuple(out)

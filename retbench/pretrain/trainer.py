@@ -58,6 +58,7 @@ class PretrainConfig:
     exclude_all_images: bool = False
     checkpoint_every: int = 25
     cache_dir: str = ""
+    options: tuple[tuple[str, Any], ...] = ()  # recipe settings (a preset's ``extra``) overridden with --option
 
 
 def resolve_settings(config: PretrainConfig) -> Settings:
@@ -72,11 +73,17 @@ def resolve_settings(config: PretrainConfig) -> Settings:
     size = config.image_size or p.image_size
     if "img_size" in vision.get("kwargs", {}) or config.image_size:
         vision = {**vision, "kwargs": {**vision.get("kwargs", {}), **({"img_size": size} if _is_vit(vision) else {})}}
+    extra = dict(p.extra)
+    for key, value in config.options:
+        if key not in extra:
+            known = ", ".join(sorted(extra)) or "none"
+            raise RetbenchError(f"recipe '{config.recipe}' has no option '{key}'; its options: {known}")
+        extra[key] = value
     return Settings(
         recipe=config.recipe, preset=config.preset, image_size=size, steps=config.steps or p.steps,
         batch_size=config.batch_size or p.batch_size, lr=config.lr or p.lr, weight_decay=p.weight_decay,
         warmup_frac=p.warmup_frac, amp=p.amp, seed=config.seed, vision=vision, text_tower=config.text_tower,
-        init=config.init, extra=dict(p.extra),
+        init=config.init, extra=extra,
     )
 
 
@@ -272,6 +279,7 @@ def model_card(card: dict[str, Any], config: PretrainConfig) -> str:
         f"| image size | {s['image_size']} px |",
         f"| steps × batch | {card['steps_done']} × {s['batch_size']} |",
         f"| lr (peak, AdamW, cosine) | {s['lr']} |",
+        f"| recipe options (`--option`) | {', '.join(f'{k}={v}' for k, v in sorted(s['extra'].items())) or '-'} |",
         f"| seed | {s['seed']} |",
         f"| preset | {s['preset']} |",
         f"| text tower | {s['text_tower'] if RECIPES.get(card['recipe']).needs_text else '-'} |",

@@ -53,10 +53,12 @@ class MAE(Recipe):
                    "MSE on per-patch-normalised pixels of the masked 75%.")
     presets = {
         "cpu": Preset(image_size=64, steps=300, batch_size=64, lr=1.5e-3, vision=VIT_CPU,
-                      extra={"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}),
+                      extra={"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4,
+                             "norm_pix_loss": True}),
         "gpu": Preset(image_size=224, steps=20000, batch_size=256, lr=1.5e-4 * 256 / 256 * 4, vision=VIT_GPU, amp=True,
                       warmup_frac=0.05,
-                      extra={"mask_ratio": 0.75, "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}),
+                      extra={"mask_ratio": 0.75, "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16,
+                             "norm_pix_loss": True}),
     }
 
     def __init__(self, settings: Any, data: Any) -> None:
@@ -116,8 +118,9 @@ class MAE(Recipe):
         h, mask, restore = self.encode_visible(x)
         pred = self.decode(h, restore)
         target = patchify(x, self.patch)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
+        if self.settings.extra.get("norm_pix_loss", True):
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = ((pred - target) ** 2).mean(-1)
         loss = (per_patch * mask).sum() / mask.sum()
         return {"loss": loss}
