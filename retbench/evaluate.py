@@ -16,12 +16,13 @@ from retbench.adapters import Adapter, canonical_model_name, load_model, run_nam
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
+from retbench.errors import RetbenchError
 from retbench.features import FeatureCache, Features, extract
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context, summarize
 from retbench.spec import TaskSpec
-from retbench.store import result_path, write_result
+from retbench.store import result_path, stale_weights, write_result
 from retbench.tasks import get_task
 
 SCHEMA_VERSION = 1
@@ -156,6 +157,8 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             for p in select_protocols(spec, config.protocols):
                 path = result_path(results_root, stored_as, spec.name, p)
                 if path.exists() and not config.overwrite:
+                    if reason := stale_weights(path):
+                        raise RetbenchError(reason)
                     out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
                 else:
                     pending.append((p, path))

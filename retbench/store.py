@@ -34,6 +34,29 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     atomic_write_json(path, result)
 
 
+def stale_weights(path: Path) -> str | None:
+    """Why the stored result ``path`` no longer describes its model, or None.
+
+    A result records the checkpoint file it was computed from and that file's sha256; when the
+    file is still there but its bytes changed (a retrained ``local:`` folder, a replaced
+    checkpoint), skipping the result would silently report the old model under the new one.
+    """
+    from retbench.adapters import file_sha256
+
+    try:
+        model = json.loads(path.read_text())["model"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return f"{path}: unreadable result file"
+    recorded, weights = str(model.get("weights_identity") or ""), model.get("weights_path")
+    if not recorded.startswith("sha256:") or not weights or not Path(weights).is_file():
+        return None
+    now = file_sha256(Path(weights))
+    if recorded != f"sha256:{now}":
+        return (f"{path} was computed from another version of {weights} (sha256 {recorded[7:19]}…, the file is now "
+                f"{now[:12]}…): rerun with --overwrite, or use another --results-dir to keep both")
+    return None
+
+
 def iter_results(root: Path) -> Iterator[dict[str, Any]]:
     """Every complete result under ``root`` (temporary files are ignored)."""
     if not root.is_dir():

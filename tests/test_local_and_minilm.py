@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,25 @@ def test_evaluate_local_model_end_to_end(saved: dict, tiny_task: tuple[Path, Pat
         assert 0.0 <= res.primary <= 1.0
     assert zs.data["protocol"]["settings"]["logit_scale"] == pytest.approx(20.0)
     assert len(lp.data["runs"]) == 2
+
+
+def test_a_retrained_folder_does_not_reuse_the_old_models_results(saved: dict, tiny_task: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    spec_path, root = tiny_task
+    folder = tmp_path / "retrained"
+    shutil.copytree(saved["folder"], folder)
+    options = {"data_root": str(root), "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+               "device": "cpu", "num_workers": 0, "seeds": 1}
+    first = retbench.evaluate(f"local:{folder}", str(spec_path), "linear_probe", **options)
+    assert retbench.evaluate(f"local:{folder}", str(spec_path), "linear_probe", **options).status == "existing"
+    state = load_file(str(folder / WEIGHTS_FILE))
+    state = {k: v + 0.01 if k.endswith("weight") else v for k, v in state.items()}
+    save_file(state, str(folder / WEIGHTS_FILE))  # "retrained": same folder and name, other weights
+    with pytest.raises(RetbenchError, match=r"linear_probe/local_retrained.json was computed from another version of "
+                                            r".*model.safetensors.*--overwrite"):
+        retbench.evaluate(f"local:{folder}", str(spec_path), "linear_probe", **options)
+    again = retbench.evaluate(f"local:{folder}", str(spec_path), "linear_probe", overwrite=True, **options)
+    assert again.status == "done"
+    assert again.data["model"]["weights_identity"] != first.data["model"]["weights_identity"]
