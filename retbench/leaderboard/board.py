@@ -1,0 +1,366 @@
+"""Building a leaderboard: one cell per (model, task) from the store, comparisons with baselines."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from retbench import stats
+from retbench.errors import RetbenchError
+from retbench.metrics import METRICS, metric_for
+from retbench.store import iter_results, safe_name
+
+MEAN = "mean"
+"""Column key of the mean over tasks."""
+
+PRIMARY_PROTOCOL = "linear_probe"
+"""Confusion matrices are drawn for this protocol (else for the first protocol written)."""
+
+DEFAULT_RESAMPLES = stats.MIN_RESAMPLES
+
+
+@dataclass
+class Cell:
+    """One model on one task (or the mean over tasks): mean, 95% CI and the per-run values."""
+
+    model: str
+    task: str
+    metric: str
+    k: int | None
+    mean: float
+    low: float | None
+    high: float | None
+    se: float | None
+    n_runs: int
+    ci_method: str
+    values: dict[tuple[int, int], float] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    """A model against the reference (best baseline) of one column."""
+
+    model: str
+    reference: str
+    column: str
+    delta: float
+    test: str = ""
+    n: int = 0
+    p_value: float = float("nan")
+    p_adjusted: float = float("nan")
+
+
+@dataclass
+class PairedRow:
+    """A Wilcoxon test of a model against one baseline over one unit of pairing."""
+
+    model: str
+    baseline: str
+    unit: str
+    result: stats.WilcoxonResult
+    p_adjusted: float = float("nan")
+
+
+@dataclass
+class Board:
+    """Everything one protocol's leaderboard shows, computed once and rendered three ways."""
+
+    protocol: str
+    tasks: list[str]
+    models: list[str]
+    metric_of: dict[str, str]
+    k_of: dict[str, int | None]
+    higher: dict[str, bool]
+    cells: dict[tuple[str, str], Cell]
+    baselines: list[str]
+    requested_baselines: list[str]
+    reference_of: dict[str, str]
+    comparisons: dict[tuple[str, str], Comparison]
+    paired: list[PairedRow]
+    correction: str
+    resamples: int
+    results: dict[tuple[str, str], dict[str, Any]]
+    versions: list[tuple[str, str]]
+    classes: dict[str, list[str]]
+    requested_metric: str | None = None
+    figures: list[tuple[str, str]] = field(default_factory=list)
+
+    def cell(self, model: str, column: str) -> Cell | None:
+        """The cell of ``model`` in a task column or the mean column."""
+        return self.cells.get((model, column))
+
+    @property
+    def columns(self) -> list[str]:
+        """Task columns then the mean."""
+        return [*self.tasks, MEAN]
+
+    def column_higher(self, column: str) -> bool | None:
+        """Direction of a column (None for a mean over metrics of mixed direction)."""
+        if column != MEAN:
+            return self.higher[column]
+        directions = {self.higher[t] for t in self.tasks}
+        return directions.pop() if len(directions) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def load_store(results_dir: Path) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    """Every result of the store: ``{protocol: {(model, task): result}}``."""
+    by_protocol: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for r in iter_results(results_dir):
+        by_protocol.setdefault(r["protocol"]["name"], {})[(r["model"]["name"], r["task"]["name"])] = r
+    return by_protocol
+
+
+def resolve_models(requested: Sequence[str], available: Iterable[str], what: str = "baseline") -> list[str]:
+    """Map names given on the command line to stored model names.
+
+    Exact names win; a family name (``classical``) or a path-safe name (``timm_resnet18``) matches
+    when it is unambiguous. Unknown names raise with the close matches.
+    """
+    names = sorted(set(available))
+    out = []
+    for name in requested:
+        if name in names:
+            out.append(name)
+            continue
+        matches = [m for m in names if m.split(".")[0] == name or safe_name(m) == name]
+        if len(matches) == 1:
+            out.append(matches[0])
+            continue
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RetbenchError(f"{what} '{name}' has no results in the store (models: {', '.join(names)}){hint}")
+    return list(dict.fromkeys(out))
+
+
+def headline_runs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    k = result.get("headline_k")
+    return [r for r in result.get("runs", []) if r.get("k") == k]
+
+
+def run_value(run: dict[str, Any], name: str) -> float:
+    """A run's value of metric ``name``: stored, else recomputed from its predictions."""
+    value = run.get("metrics", {}).get(name)
+    if value is None and "predictions" in run:
+        pred = run["predictions"]
+        value = METRICS.get(name)(np.asarray(pred["y_true"]), np.asarray(pred["proba"], dtype=float))
+    return float("nan") if value is None else float(value)
+
+
+def stored_or(run: dict[str, Any], name: str, compute: Any) -> float:
+    """A run's stored metric, else ``compute(y_true, proba)`` on its predictions (NaN without them)."""
+    value = run.get("metrics", {}).get(name)
+    if value is None and "predictions" in run:
+        pred = run["predictions"]
+        value = compute(np.asarray(pred["y_true"]), np.asarray(pred["proba"], dtype=float))
+    return float("nan") if value is None else float(value)
+
+
+def run_predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    pred = run.get("predictions")
+    if not pred:
+        return None
+    return np.asarray(pred["index"]), np.asarray(pred["y_true"]), np.asarray(pred["proba"], dtype=float)
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    n = len(values)
+    se = float(np.std(values, ddof=1) / math.sqrt(n))
+    half = float(sps.t.ppf(0.975, n - 1)) * se
+    mean = float(np.mean(values))
+    return mean - half, mean + half, se
+
+
+def make_cell(result: dict[str, Any], metric: str, runs: list[dict[str, Any]], resamples: int) -> Cell:
+    """Mean and 95% CI of ``metric`` over ``runs`` of one result."""
+    values = {(int(r["seed"]), int(r.get("k") or 0)): run_value(r, metric) for r in runs}
+    finite = np.array([v for v in values.values() if np.isfinite(v)], dtype=float)
+    model, task, k = result["model"]["name"], result["task"]["name"], result.get("headline_k")
+    if finite.size == 0:
+        return Cell(model, task, metric, k, float("nan"), None, None, None, 0, "no value", values)
+    mean = float(np.mean(finite))
+    if finite.size >= 2:
+        low, high, se = t_interval(finite)
+        return Cell(model, task, metric, k, mean, low, high, se, int(finite.size), "t", values)
+    pred = run_predictions(runs[0]) if len(runs) == 1 else None
+    if pred is not None:
+        _, y, proba = pred
+        try:
+            boot = stats.bootstrap_ci(METRICS.get(metric), y, proba, n_resamples=resamples, seed=0)
+            return Cell(model, task, metric, k, mean, boot.low, boot.high, boot.se, 1, "bootstrap", values)
+        except ValueError:
+            pass
+    stored = result.get("metrics", {}).get(metric, {}).get("ci95")
+    low, high = (stored if stored else (None, None))
+    return Cell(model, task, metric, k, mean, low, high, None, 1, "stored" if stored else "none", values)
+
+
+def _mean_cell(model: str, cells: list[Cell]) -> Cell:
+    mean = float(np.mean([c.mean for c in cells]))
+    if all(c.se is not None for c in cells):
+        se = math.sqrt(sum(c.se ** 2 for c in cells)) / len(cells)  # type: ignore[operator]
+        half = float(sps.norm.ppf(0.975)) * se
+        return Cell(model, MEAN, "", None, mean, mean - half, mean + half, se, len(cells), "combined")
+    return Cell(model, MEAN, "", None, mean, None, None, None, len(cells), "none")
+
+
+def _best(values: list[float], higher: bool | None) -> float | None:
+    shown = [round(v, 3) for v in values if np.isfinite(v)]
+    if not shown or higher is None:
+        return None
+    return max(shown) if higher else min(shown)
+
+
+def build_board(protocol: str, results: dict[tuple[str, str], dict[str, Any]], metric: str | None = None,
+                baselines: Sequence[str] = (), correction: str = "holm", resamples: int = DEFAULT_RESAMPLES) -> Board:
+    """Collect cells, references, comparisons and paired tests for one protocol's results."""
+    if correction not in stats.CORRECTIONS:
+        raise RetbenchError(f"correction must be one of {', '.join(stats.CORRECTIONS)}, got '{correction}'")
+    if metric is not None and metric_for(metric).per_class:
+        raise RetbenchError(f"metric '{metric}' is per class; choose a scalar metric (retbench list metrics)")
+    tasks = sorted({t for _, t in results})
+    for task in tasks:
+        stats.check_comparable([results[key] for key in sorted(results) if key[1] == task])
+    cells: dict[tuple[str, str], Cell] = {}
+    metric_of, k_of, higher, classes = {}, {}, {}, {}
+    for (model, task), result in sorted(results.items()):
+        name = metric or result["primary_metric"]
+        metric_of[task], k_of[task] = name, result.get("headline_k")
+        higher[task] = metric_for(name).higher_is_better  # qualified names too: image_to_text/recall_at_1
+        classes[task] = list(result["task"].get("classes", []))
+        cells[(model, task)] = make_cell(result, name, headline_runs(result), resamples)
+    models = sorted({m for m, _ in results})
+    for model in models:
+        row = [cells.get((model, t)) for t in tasks]
+        if all(c is not None and np.isfinite(c.mean) for c in row):
+            cells[(model, MEAN)] = _mean_cell(model, row)  # type: ignore[arg-type]
+    versions = sorted({(t, str(r["task"]["version"])) for (_, t), r in results.items()})
+    board = Board(protocol, tasks, models, metric_of, k_of, higher, cells, [m for m in baselines if m in models],
+                  list(baselines), {}, {}, [], correction, resamples, results, versions, classes, metric)
+    board.models = sorted(models, key=lambda m: _row_order(board, m))
+    if board.baselines:
+        _compare_with_references(board)
+        _paired_tables(board)
+    return board
+
+
+def _row_order(board: Board, model: str) -> tuple[int, float, str]:
+    mean = board.cell(model, MEAN)
+    if mean is None:
+        return (1, 0.0, model)
+    direction = board.column_higher(MEAN)
+    return (0, -mean.mean if direction is not False else mean.mean, model)
+
+
+def best_value(board: Board, column: str, among: Iterable[str] | None = None) -> float | None:
+    """Best displayed (3-decimal) value of a column, among all models or ``among``."""
+    pool = board.models if among is None else list(among)
+    return _best([c.mean for m in pool if (c := board.cell(m, column)) is not None], board.column_higher(column))
+
+
+def _reference(board: Board, column: str) -> str | None:
+    candidates = [(c.mean, m) for m in board.baselines if (c := board.cell(m, column)) is not None and np.isfinite(c.mean)]
+    direction = board.column_higher(column)
+    if not candidates:
+        return None
+    if direction is None:
+        direction = True
+    return sorted(candidates, key=lambda vm: (-vm[0] if direction else vm[0], vm[1]))[0][1]
+
+
+def _pairs(board: Board, a: str, b: str, tasks: Sequence[str]) -> tuple[list[float], list[float], list[bool]]:
+    xs, ys, hs = [], [], []
+    for task in tasks:
+        ca, cb = board.cell(a, task), board.cell(b, task)
+        if ca is None or cb is None:
+            continue
+        for key in sorted(set(ca.values) & set(cb.values)):
+            va, vb = ca.values[key], cb.values[key]
+            if np.isfinite(va) and np.isfinite(vb):
+                xs.append(va)
+                ys.append(vb)
+                hs.append(board.higher[task])
+    return xs, ys, hs
+
+
+def _single_run_test(board: Board, model: str, ref: str, task: str) -> tuple[str, int, float]:
+    ra, rb = headline_runs(board.results[(model, task)]), headline_runs(board.results[(ref, task)])
+    if len(ra) != 1 or len(rb) != 1:
+        return "", 0, float("nan")
+    pa, pb = run_predictions(ra[0]), run_predictions(rb[0])
+    if pa is None or pb is None or not np.array_equal(pa[0], pb[0]) or not np.array_equal(pa[1], pb[1]):
+        return "", 0, float("nan")
+    metric = board.metric_of[task]
+    y = pa[1]
+    if metric == "auroc" and pa[2].shape[1] == 2:
+        try:
+            return "delong", len(y), stats.delong_test(y, pa[2][:, 1], pb[2][:, 1]).p_value
+        except ValueError:
+            return "", 0, float("nan")
+    try:
+        boot = stats.paired_bootstrap(METRICS.get(metric), y, pa[2], pb[2], n_resamples=board.resamples, seed=0)
+    except ValueError:
+        return "", 0, float("nan")
+    return "bootstrap", len(y), float(boot.p_value) if boot.p_value is not None else float("nan")
+
+
+def _compare(board: Board, model: str, ref: str, column: str) -> Comparison:
+    a, b = board.cell(model, column), board.cell(ref, column)
+    assert a is not None and b is not None
+    comp = Comparison(model, ref, column, a.mean - b.mean)
+    tasks = board.tasks if column == MEAN else [column]
+    xs, ys, hs = _pairs(board, model, ref, tasks)
+    if len(xs) >= 2:
+        w = stats.wilcoxon_test(xs, ys, hs)
+        comp.test, comp.n, comp.p_value = "wilcoxon", w.n, w.p_value
+    elif column != MEAN:
+        comp.test, comp.n, comp.p_value = _single_run_test(board, model, ref, column)
+    return comp
+
+
+def _compare_with_references(board: Board) -> None:
+    for column in board.columns:
+        ref = _reference(board, column)
+        if ref is None:
+            continue
+        board.reference_of[column] = ref
+        compared = [m for m in board.models if m not in board.baselines and board.cell(m, column) is not None]
+        comps = [_compare(board, m, ref, column) for m in compared]
+        for comp, adj in zip(comps, stats.adjust_pvalues([c.p_value for c in comps], board.correction)):
+            comp.p_adjusted = float(adj)
+            board.comparisons[(comp.model, column)] = comp
+
+
+UNITS = (("task", "tasks (task means)"), ("task × seed", "task × seed (runs)"))
+
+
+def _paired_tables(board: Board) -> None:
+    for baseline in board.baselines:
+        for unit, _ in UNITS:
+            group = []
+            for model in board.models:
+                if model in board.baselines:
+                    continue
+                if unit == "task":
+                    shared = [t for t in board.tasks if board.cell(model, t) and board.cell(baseline, t)]
+                    xs = [board.cells[(model, t)].mean for t in shared]
+                    ys = [board.cells[(baseline, t)].mean for t in shared]
+                    hs = [board.higher[t] for t in shared]
+                else:
+                    xs, ys, hs = _pairs(board, model, baseline, board.tasks)
+                if len(xs) >= 2:
+                    group.append(PairedRow(model, baseline, unit, stats.wilcoxon_test(xs, ys, hs)))
+            for row, adj in zip(group, stats.adjust_pvalues([r.result.p_value for r in group], board.correction)):
+                row.p_adjusted = float(adj)
+            board.paired.extend(group)

@@ -1,0 +1,356 @@
+"""Rendering a built board as GitHub markdown, HTML and CSV (pure functions of the board)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tabulate import tabulate
+
+from retbench import stats
+from retbench.leaderboard.board import MEAN, UNITS, Board, best_value
+
+
+@dataclass
+class Shown:
+    """A cell broken into the parts the three renderers lay out differently."""
+
+    value: str
+    bold: bool = False
+    underline: bool = False
+    delta: str = ""
+    stars: str = ""
+    ci: str = ""
+
+
+def shown_cell(board: Board, model: str, column: str) -> Shown | None:
+    """Formatted parts of one cell (None where the model has no value)."""
+    c = board.cell(model, column)
+    if c is None or not np.isfinite(c.mean):
+        return None
+    best = best_value(board, column)
+    ref = board.reference_of.get(column)
+    best_base = best_value(board, column, board.baselines) if board.baselines else None
+    out = Shown(_f3(c.mean), bold=best is not None and round(c.mean, 3) == best,
+                underline=model in board.baselines and best_base is not None and round(c.mean, 3) == best_base)
+    if c.low is not None and c.high is not None:
+        out.ci = f"[{_f3(c.low)}, {_f3(c.high)}]"
+    comp = board.comparisons.get((model, column))
+    if comp is not None and ref is not None:
+        out.delta = f"({_f3(comp.delta, sign=True)})"
+        out.stars = stats.stars(comp.p_adjusted)
+    return out
+
+
+def _f3(x: float, sign: bool = False) -> str:
+    """Three decimals, never "-0.000"."""
+    value = round(float(x), 3) + 0.0
+    return f"{value:+.3f}" if sign else f"{value:.3f}"
+
+
+def column_label(board: Board, column: str) -> tuple[str, str]:
+    if column == MEAN:
+        return "mean", f"over {len(board.tasks)} tasks"
+    k = board.k_of.get(column)
+    return column, board.metric_of[column] + (f", k={k}" if k is not None else "")
+
+
+def _markdown_cell(s: Shown | None) -> str:
+    if s is None:
+        return "–"
+    value = s.value
+    if s.underline:
+        value = f"<u>{value}</u>"
+    if s.bold:
+        value = f"**{value}**"
+    text = value
+    if s.delta:
+        text += f" {s.delta}"
+    if s.stars:
+        text += "<sup>" + s.stars.replace("*", "\\*") + "</sup>"
+    if s.ci:
+        text += f"<br>{s.ci}"
+    return text
+
+
+def _model_label(board: Board, model: str) -> str:
+    return f"`{model}`" + (" (baseline)" if model in board.baselines else "")
+
+
+def render_table(board: Board) -> str:
+    """The GitHub-markdown table: models × tasks + mean."""
+    header = ["model"] + ["{}<br>{}".format(*column_label(board, c)) for c in board.columns]
+    rows = [[_model_label(board, m)] + [_markdown_cell(shown_cell(board, m, c)) for c in board.columns]
+            for m in board.models]
+    return tabulate(rows, headers=header, tablefmt="github", disable_numparse=True)
+
+
+def _metric_phrase(board: Board) -> str:
+    listed = ", ".join(f"`{n}`" for n in sorted(set(board.metric_of.values())))
+    return f"each task's primary metric ({listed})" if board.requested_metric is None else listed
+
+
+def _runs_phrase(board: Board) -> str:
+    per_task = {t: max(c.n_runs for (m, tt), c in board.cells.items() if tt == t) for t in board.tasks}
+    counts = sorted(per_task.values())
+    usual = max(set(counts), key=lambda n: (counts.count(n), n))
+    text = f"{usual} runs (seeds) per cell" if usual != 1 else "1 run per cell"
+    others = sorted({n for n in counts if n != usual})
+    for n in others:
+        text += f"; {n} for " + ", ".join(t for t in board.tasks if per_task[t] == n)
+    if any(k is not None for k in board.k_of.values()):
+        text += (", at the k shown in the column header (the largest k run on the task; the curves figure shows "
+                 "every k)")
+    return text
+
+
+def _ci_phrase(board: Board) -> str:
+    methods = {c.ci_method for (m, t), c in board.cells.items() if t != MEAN}
+    parts = []
+    if "t" in methods:
+        parts.append("t over seeds")
+    if "bootstrap" in methods:
+        single = sorted({t for (m, t), c in board.cells.items() if c.ci_method == "bootstrap"})
+        parts.append(f"for single runs ({', '.join(single)}) a percentile bootstrap over test images stratified by class "
+                     f"({board.resamples} resamples, seed 0)")
+    if "stored" in methods:
+        parts.append("for single runs without stored class predictions (retrieval, VQA), the interval stored with the "
+                     "result (its `ci_method` says how it was computed)")
+    return "; ".join(parts) or "none"
+
+
+def footnotes(board: Board) -> list[str]:
+    """The paragraphs under the table: what the cells are, the marks, the test, correction and n."""
+    notes = [
+        f"Each cell: mean of {_metric_phrase(board)} over the runs ({_runs_phrase(board)}); 95% CI in brackets: "
+        f"{_ci_phrase(board)}. Mean column: unweighted mean over the {len(board.tasks)} tasks, for models with every "
+        "task; its CI combines the per-task standard errors (tasks independent, normal approximation)."
+    ]
+    directions = {board.higher[t] for t in board.tasks}
+    direction = ("higher is better for every metric shown" if directions == {True} else
+                 "lower is better for every metric shown" if directions == {False} else "direction per metric")
+    marks = f"**Bold**: best in the column ({direction}; ties at the shown precision all bold)."
+    if board.baselines:
+        marks += (" <u>Underlined</u>: best baseline in the column (baseline" + ("s" if len(board.baselines) > 1 else "")
+                  + ": " + ", ".join(f"`{b}`" for b in board.baselines) + ").")
+    notes.append(marks)
+    notes.append(_significance_note(board))
+    notes.append("Generated by `retbench leaderboard` from the result store; task versions: "
+                 + ", ".join(f"{t} v{v}" for t, v in board.versions) + ".")
+    return notes
+
+
+def _n_phrase(ns: Sequence[int], unit: str) -> str:
+    values = sorted(set(ns))
+    return f"n = {'–'.join(map(str, [values[0], values[-1]])) if len(values) > 1 else values[0]} {unit}"
+
+
+def _significance_note(board: Board) -> str:
+    corr = stats.correction_name(board.correction)
+    if not board.baselines:
+        missing = [b for b in board.requested_baselines if b not in board.baselines]
+        why = (f"the baseline{'s' if len(missing) > 1 else ''} {', '.join(f'`{b}`' for b in missing)} "
+               f"{'have' if len(missing) > 1 else 'has'} no results under `{board.protocol}`" if missing
+               else "no baseline was given (`retbench leaderboard --baseline MODEL`)")
+        return (f"Significance: {why}, so no deltas, underlines or stars. With a baseline, each model is compared with "
+                "the best baseline of each column by a two-sided Wilcoxon signed-rank test over runs paired by seed "
+                "(by task × seed for the mean; for single runs, a paired bootstrap over test images stratified by class, "
+                f"or DeLong's test for a binary AUROC), {corr}-corrected over the models compared.")
+    comps = list(board.comparisons.values())
+    n_compared = {col: sum(1 for c in comps if c.column == col) for col in board.columns}
+    sizes = sorted(set(n_compared.values()) - {0})
+    text = ("(±Δ): difference from the column's best baseline (model − baseline). "
+            "<sup>\\*</sup> p < 0.01, <sup>\\*\\*</sup> p < 0.001, two-sided, "
+            f"{corr}-adjusted over the {'/'.join(map(str, sizes)) or 0} model{'s' if sizes != [1] else ''} "
+            "compared with the baseline in each column.")
+    task_w = [c.n for c in comps if c.test == "wilcoxon" and c.column != MEAN]
+    if task_w:
+        small = min(task_w)
+        text += (f" Per task: Wilcoxon signed-rank test (scipy) over runs paired by seed, {_n_phrase(task_w, 'pairs')}")
+        floor = stats.min_wilcoxon_p(small)
+        if floor >= 0.01:
+            text += f" (with {small} pairs the smallest attainable p is {floor:.4g}, so no per-task star is possible)"
+        text += "."
+    boot = sorted({c.column for c in comps if c.test == "bootstrap"})
+    if boot:
+        text += (f" Single-run tasks ({', '.join(boot)}): paired bootstrap of the difference over the same resampled "
+                 f"test images, stratified by class ({board.resamples} resamples, seed 0).")
+    delong = sorted({c.column for c in comps if c.test == "delong"})
+    if delong:
+        text += f" Binary AUROC of single runs ({', '.join(delong)}): DeLong's test for correlated ROC curves."
+    mean_w = [c.n for c in comps if c.test == "wilcoxon" and c.column == MEAN]
+    if mean_w:
+        text += (" Mean column: Wilcoxon signed-rank test over values paired by (task, seed), "
+                 f"{_n_phrase(mean_w, '(task, seed) pairs')}.")
+    text += " Zero differences are dropped (Wilcoxon's convention); the pairing unit is the run (seed), not the image."
+    return text
+
+
+def _paired_markdown(board: Board) -> list[str]:
+    if not board.paired:
+        return []
+    corr = stats.correction_name(board.correction)
+    rows = []
+    for r in board.paired:
+        w = r.result
+        rows.append([f"`{r.model}`", f"`{r.baseline}`", dict(UNITS)[r.unit], str(w.n), f"{w.wins}/{w.ties}/{w.losses}",
+                     _f3(w.median_difference, sign=True), f"{w.statistic:g}", _fmt_p(w.p_value), _fmt_p(r.p_adjusted),
+                     f"{w.effect_size:+.2f}"])
+    header = ["model", "baseline", "pairing", "n", "wins/ties/losses", "median Δ", "W", "p", f"p ({corr})", "r"]
+    return [
+        "## Paired comparisons with the baselines",
+        "",
+        "Two-sided Wilcoxon signed-rank tests (scipy) of each model against each baseline. Δ is oriented so that positive "
+        "means the model is better; W is scipy's statistic (the smaller signed-rank sum); r is the matched-pairs "
+        f"rank-biserial correlation (effect size, −1 … 1, positive: the model is better); p is {corr}-adjusted over the "
+        "models compared with the same baseline under the same pairing. Pairing by task uses the task means; by "
+        "task × seed, the runs with the same seed (and k).",
+        "",
+        tabulate(rows, headers=header, tablefmt="github", disable_numparse=True),
+        "",
+    ]
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return "–"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _title(board: Board) -> str:
+    return f"Leaderboard — `{board.protocol}`"
+
+
+def summary_line(board: Board) -> str:
+    base = (", baseline" + ("s " if len(board.baselines) > 1 else " ") + ", ".join(f"`{b}`" for b in board.baselines)
+            if board.baselines else "")
+    models, tasks = len(board.models), len(board.tasks)
+    return f"{models} model{'s' if models != 1 else ''} × {tasks} task{'s' if tasks != 1 else ''}{base}."
+
+
+def render_markdown(board: Board) -> str:
+    """The complete markdown document for one protocol."""
+    lines = [f"# {_title(board)}", "", summary_line(board), "", render_table(board), ""]
+    for note in footnotes(board):
+        lines += [note, ""]
+    lines += _paired_markdown(board)
+    if board.figures:
+        lines += ["## Figures", ""]
+        for caption, rel in board.figures:
+            lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
+    lines.append(f"Also as [CSV]({board.protocol}.csv) and a [standalone HTML page]({board.protocol}.html).")
+    lines.append("")
+    return "\n".join(lines)
+
+
+_ALLOWED_TAGS = ("u", "sup", "br")
+
+
+def markdown_inline_to_html(text: str) -> str:
+    """Convert the markdown subset used in footnotes to HTML: `code`, **bold**, escaped stars, <u>, <sup>, <br>."""
+    out = html.escape(text, quote=False)
+    for tag in _ALLOWED_TAGS:
+        out = out.replace(f"&lt;{tag}&gt;", f"<{tag}>").replace(f"&lt;/{tag}&gt;", f"</{tag}>")
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return out.replace("\\*", "*")
+
+
+def _html_cell(s: Shown | None) -> str:
+    if s is None:
+        return "<td class='na'>–</td>"
+    value = html.escape(s.value)
+    if s.underline:
+        value = f"<u>{value}</u>"
+    if s.bold:
+        value = f"<b>{value}</b>"
+    extra = f" <span class='delta'>{html.escape(s.delta)}</span>" if s.delta else ""
+    extra += f"<sup>{s.stars}</sup>" if s.stars else ""
+    ci = f"<br><span class='ci'>{html.escape(s.ci)}</span>" if s.ci else ""
+    return f"<td>{value}{extra}{ci}</td>"
+
+
+HTML_STYLE = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#1f2328;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #d0d7de;padding:5px 9px;text-align:center;vertical-align:top}th{background:#f6f8fa}
+td:first-child{text-align:left;white-space:nowrap}.ci{color:#59636e;font-size:12px}.delta{color:#1f2328}
+.na{color:#8c959f}code{background:#f6f8fa;padding:0 3px;border-radius:4px}img{max-width:100%;border:1px solid #eee}
+p.note{font-size:14px}"""
+
+
+def render_html(board: Board) -> str:
+    """A standalone HTML page with the same table, notes, paired tests and figures."""
+    head = "".join(f"<th>{html.escape(a)}<br><small>{html.escape(b)}</small></th>"
+                   for a, b in (column_label(board, c) for c in board.columns))
+    body = []
+    for m in board.models:
+        label = f"<code>{html.escape(m)}</code>" + (" (baseline)" if m in board.baselines else "")
+        body.append(f"<tr><td>{label}</td>" + "".join(_html_cell(shown_cell(board, m, c)) for c in board.columns) + "</tr>")
+    title = html.escape(f"Leaderboard — {board.protocol}")
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'>", "<head>", "<meta charset='utf-8'>", f"<title>{title}</title>",
+        f"<style>{HTML_STYLE}</style>", "</head>", "<body>", f"<h1>{markdown_inline_to_html(_title(board))}</h1>",
+        f"<p>{markdown_inline_to_html(summary_line(board))}</p>",
+        f"<table><thead><tr><th>model</th>{head}</tr></thead><tbody>", *body, "</tbody></table>",
+    ]
+    parts += [f"<p class='note'>{markdown_inline_to_html(n)}</p>" for n in footnotes(board)]
+    if board.paired:
+        corr = stats.correction_name(board.correction)
+        parts.append("<h2>Paired comparisons with the baselines</h2>")
+        parts.append("<p class='note'>Two-sided Wilcoxon signed-rank tests; Δ positive means the model is better; r is the "
+                     f"matched-pairs rank-biserial correlation; p adjusted ({html.escape(corr)}) over the models compared "
+                     "with the same baseline under the same pairing.</p>")
+        cols = ["model", "baseline", "pairing", "n", "wins/ties/losses", "median Δ", "W", "p", f"p ({corr})", "r"]
+        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>")
+        for r in board.paired:
+            w = r.result
+            vals = [r.model, r.baseline, dict(UNITS)[r.unit], str(w.n), f"{w.wins}/{w.ties}/{w.losses}",
+                    _f3(w.median_difference, sign=True), f"{w.statistic:g}", _fmt_p(w.p_value), _fmt_p(r.p_adjusted),
+                    f"{w.effect_size:+.2f}"]
+            parts.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in vals) + "</tr>")
+        parts.append("</tbody></table>")
+    if board.figures:
+        parts.append("<h2>Figures</h2>")
+        for caption, rel in board.figures:
+            parts.append(f"<figure><img src='{html.escape(rel)}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+CSV_COLUMNS = ["protocol", "model", "is_baseline", "task", "metric", "k", "mean", "ci_low", "ci_high", "se", "n_runs",
+               "ci_method", "best", "best_baseline", "reference", "delta", "test", "n_pairs", "p_value", "p_adjusted",
+               "stars"]
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None or not np.isfinite(x) else format(float(x), ".10g")
+
+
+def render_csv(board: Board) -> str:
+    """One row per (model, column): the numbers behind the table, unformatted."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for m in board.models:
+        for column in board.columns:
+            c = board.cell(m, column)
+            if c is None:
+                continue
+            s = shown_cell(board, m, column)
+            comp = board.comparisons.get((m, column))
+            writer.writerow([
+                board.protocol, m, int(m in board.baselines), column,
+                board.metric_of.get(column, "mean of the task metrics"), "" if c.k is None else c.k,
+                _num(c.mean), _num(c.low), _num(c.high), _num(c.se), c.n_runs, c.ci_method,
+                int(bool(s and s.bold)), int(bool(s and s.underline)), comp.reference if comp else "",
+                _num(comp.delta) if comp else "", comp.test if comp else "", comp.n if comp and comp.test else "",
+                _num(comp.p_value) if comp else "", _num(comp.p_adjusted) if comp else "",
+                stats.stars(comp.p_adjusted) if comp else "",
+            ])
+    return buf.getvalue()
