@@ -246,7 +246,8 @@ def _data_summary(spec: TaskSpec, ex: Examples, splits: dict[str, np.ndarray], f
                  for s, idx in splits.items()}
     return {"n_examples": len(ex), "n_test": int(features.valid[splits["test"]].sum()), "splits": per_split,
             "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
-            "n_patients": len(set(ex.patients)), "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
+            "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
+            "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
             "bad_images": features.bad_ids}
 
 
@@ -341,7 +342,8 @@ def _kind_data_summary(task: TaskData, output: Any, bad_images: list[str]) -> di
     ex = task.examples
     return {"unit": unit, "n_examples": n, "n_test": output.n_test, "splits": splits,
             "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
-            "n_patients": len(set(ex.patients)), "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
+            "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
+            "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
             "bad_images": bad_images, **output.notes}
 
 

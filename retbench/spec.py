@@ -87,6 +87,7 @@ class SplitSpec:
     val_fraction: float = 0.0
     seed: int = 0
     by_patient: bool = True
+    group_near_duplicates: bool = False  # images showing the same photograph (perceptual hash) share a group
 
 
 @dataclass(frozen=True)
@@ -628,6 +629,7 @@ def _parse_splits(s: _Reader) -> SplitSpec:
         val_fraction=s.get("val_fraction", float, 0.0),
         seed=s.get("seed", int, 0),
         by_patient=s.get("by_patient", bool, True),
+        group_near_duplicates=s.get("group_near_duplicates", bool, False),
     )
     if spec.strategy == "stratified" and not 0.0 < spec.test_fraction < 1.0:
         raise s.fail("test_fraction", f"must be in (0, 1), got {spec.test_fraction}")

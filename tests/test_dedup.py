@@ -9,16 +9,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retbench.pretrain.dedup import (
+from retbench.data.dedup import (
     DEFAULT_MAX_DISTANCE,
     HashCache,
     ImageItem,
     exclude_matches,
     file_items,
     hash_items,
+    merge_near_duplicate_groups,
+    near_duplicate_pairs,
     nearest,
     perceptual_hash,
 )
+from retbench.data.examples import ArrayImages, Examples, load_examples
+from retbench.data.splits import make_splits
+from retbench.tasks import get_task
 
 
 def jpeg_roundtrip(image: Image.Image, size: tuple[int, int], quality: int = 70) -> Image.Image:
@@ -82,3 +87,37 @@ def test_array_items_and_cache_roundtrip(tmp_path):
     first = hash_items(items, HashCache(tmp_path / "h.json"))
     again = hash_items(items, HashCache(tmp_path / "h.json"))
     assert np.array_equal(first, again) and first.shape == (3, 255)
+
+
+def test_near_duplicate_pairs_match_brute_force():
+    rng = np.random.default_rng(1)
+    h = rng.random((9, 255)) > 0.5
+    h[5] = h[2]
+    h[7] = h[2] ^ (np.arange(255) < 4)  # 4 bits from image 2
+    brute = (h[:, None] != h[None]).sum(-1)
+    expected = [(i, j) for i in range(9) for j in range(i + 1, 9) if brute[i, j] <= 10]
+    assert near_duplicate_pairs(h, 10, chunk=4) == expected and (2, 5) in expected and (2, 7) in expected
+
+
+def test_copies_join_their_originals_group_transitively(data_root, tmp_path):
+    files = sorted((data_root / "csdi" / "images").glob("*.jpg"))[:4]
+    photos = [np.asarray(Image.open(f).convert("RGB").resize((96, 96))) for f in files]
+    copy_of_0 = np.asarray(jpeg_roundtrip(Image.fromarray(photos[0]), (80, 80)).resize((96, 96)))
+    # rows: photo0 (patient a), photo1 (a: same person), photo2 (b), photo3 (c), a copy of photo0 filed as patient c
+    arrays = {"all": [photos[0], photos[1], photos[2], photos[3], copy_of_0]}
+    ex = Examples(ids=[f"all/{i}" for i in range(5)], labels=np.zeros(5, dtype=np.int64),
+                  patients=["a", "a", "b", "c", "c"], given_split=None, images=ArrayImages(arrays))
+    patients, n_pairs = merge_near_duplicate_groups("t", ex, HashCache(tmp_path / "h.json"))
+    assert n_pairs == 1
+    assert patients == ["a", "a", "b", "a", "a"]  # the copy pulls patient c (and c's other image) into a's group
+
+
+def test_eye4class_copies_of_test_images_are_not_in_train(data_root):
+    spec = get_task("eye4class")
+    assert spec.splits.group_near_duplicates and str(spec.version) == "2"
+    ex = load_examples(spec, data_root)
+    splits = make_splits(spec, ex)
+    items = file_items("eye4class", [ex.images.path(i) for i in ex.ids], root=ex.images.root)
+    hashes = hash_items(items, HashCache(None))
+    dist, _ = nearest(hashes[splits["train"]], hashes[splits["test"]])
+    assert ex.near_duplicate_pairs >= 20 and (dist <= DEFAULT_MAX_DISTANCE).sum() == 0

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from retbench.data.dedup import ImageItem
 from retbench.pretrain.data import PretrainItem, PretrainSet, collect
-from retbench.pretrain.dedup import ImageItem
 from retbench.pretrain.recipes import _text_common as tc
 from retbench.pretrain.recipes.eyeclip import EyeCLIP, multimodal_eyes, sample_pairs
 from retbench.pretrain.recipes.flair import Flair

@@ -68,6 +68,7 @@ class Examples:
     images: FileImages | ArrayImages
     dropped: dict[str, list[str]] = field(default_factory=dict)
     item_of: np.ndarray | None = None  # per row, its item (a retrieval pair): an item's rows always share a split
+    near_duplicate_pairs: int | None = None  # with splits.group_near_duplicates: pairs merged into one group
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,6 +109,10 @@ def load_examples(spec: TaskSpec, root: Path) -> Examples:
 
     examples = SOURCES.get(spec.source.kind)(spec, root)
     check_examples(spec, root, examples)
+    if spec.splits.group_near_duplicates:
+        from retbench.data.dedup import merge_near_duplicate_groups
+
+        examples.patients, examples.near_duplicate_pairs = merge_near_duplicate_groups(spec.name, examples)
     return examples
 
 

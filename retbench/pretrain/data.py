@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retbench.data.dedup import HashCache, ImageItem, example_items, exclude_matches, file_items, task_items
 from retbench.errors import DataError, RetbenchError
 from retbench.preprocess import Preprocess
-from retbench.pretrain.dedup import HashCache, ImageItem, example_items, exclude_matches, file_items, task_items
 from retbench.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}

@@ -134,6 +134,52 @@ def exclude_matches(
     return keep, excluded
 
 
+def default_cache() -> HashCache:
+    """The hash cache shared by pretraining and task loading: ``$RETBENCH_CACHE/phash.json``."""
+    import os
+
+    root = Path(os.environ.get("RETBENCH_CACHE") or Path.home() / ".cache" / "retbench")
+    return HashCache(root / "phash.json")
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE,
+                         chunk: int = 512) -> list[tuple[int, int]]:
+    """Every pair (i < j) of rows of ``hashes`` at most ``max_distance`` bits apart."""
+    h = hashes.astype(np.float32)
+    ones = h.sum(1)
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(h), chunk):
+        d = ones[start: start + chunk, None] + ones[None, :] - 2 * h[start: start + chunk] @ h.T
+        rows, cols = np.nonzero(np.rint(d) <= max_distance)
+        pairs += [(start + int(r), int(c)) for r, c in zip(rows, cols) if start + r < c]
+    return pairs
+
+
+def merge_near_duplicate_groups(task: str, examples: Any, cache: HashCache | None = None) -> tuple[list[str], int]:
+    """Patient ids in which images that show the same photograph share one group.
+
+    Augmented or re-encoded copies of one photograph filed as different images would otherwise land
+    on both sides of a split. Groups are merged transitively: every image of the patients of two
+    near-duplicates joins one group (named after its smallest patient id). Returns the new ids and
+    the number of near-duplicate pairs found.
+    """
+    items = example_items(task, examples, range(len(examples)))
+    pairs = near_duplicate_pairs(hash_items(items, cache or default_cache()))
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for i, j in pairs:
+        a, b = find(examples.patients[i]), find(examples.patients[j])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [find(p) for p in examples.patients], len(pairs)
+
+
 def file_items(source: str, paths: Iterable[Path], root: Path | None = None) -> list[ImageItem]:
     """Items for image files; ids are paths relative to ``root`` when given."""
     items = []
