@@ -22,7 +22,7 @@ from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context, summarize
 from retbench.spec import TaskSpec
-from retbench.store import result_path, stale_weights, write_result
+from retbench.store import result_path, stale_reason, write_result
 from retbench.tasks import get_task
 
 SCHEMA_VERSION = 1
@@ -157,7 +157,7 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             for p in select_protocols(spec, config.protocols):
                 path = result_path(results_root, stored_as, spec.name, p)
                 if path.exists() and not config.overwrite:
-                    if reason := stale_weights(path):
+                    if reason := stale_reason(path, spec.spec_hash):
                         raise RetbenchError(reason)
                     out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
                 else:

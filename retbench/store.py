@@ -34,19 +34,25 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     atomic_write_json(path, result)
 
 
-def stale_weights(path: Path) -> str | None:
-    """Why the stored result ``path`` no longer describes its model, or None.
+def stale_reason(path: Path, spec_hash: str | None = None) -> str | None:
+    """Why the stored result ``path`` no longer describes its model or task, or None.
 
-    A result records the checkpoint file it was computed from and that file's sha256; when the
-    file is still there but its bytes changed (a retrained ``local:`` folder, a replaced
-    checkpoint), skipping the result would silently report the old model under the new one.
+    A result records its task's version and spec hash, and the checkpoint file it was computed
+    from with that file's sha256. When the task spec changed, or the file is still there but its
+    bytes changed (a retrained ``local:`` folder, a replaced checkpoint), skipping the result as
+    finished would silently report old numbers under the new model or task.
     """
     from retbench.adapters import file_sha256
 
     try:
-        model = json.loads(path.read_text())["model"]
-    except (json.JSONDecodeError, KeyError, OSError):
-        return f"{path}: unreadable result file"
+        stored = json.loads(path.read_text())
+        model, task = stored["model"], stored["task"]
+    except (json.JSONDecodeError, KeyError, OSError, TypeError):
+        return f"{path}: unreadable result file (delete it or rerun with --overwrite)"
+    if spec_hash is not None and task.get("spec_hash") != spec_hash:
+        return (f"{path} was computed with another version of task '{task.get('name')}' (v{task.get('version')}, "
+                f"spec {task.get('spec_hash')}; now spec {spec_hash}): rerun with --overwrite, or use another "
+                "--results-dir to keep both")
     recorded, weights = str(model.get("weights_identity") or ""), model.get("weights_path")
     if not recorded.startswith("sha256:") or not weights or not Path(weights).is_file():
         return None

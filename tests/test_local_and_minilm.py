@@ -224,3 +224,18 @@ def test_a_retrained_folder_does_not_reuse_the_old_models_results(saved: dict, t
     again = retbench.evaluate(f"local:{folder}", str(spec_path), "linear_probe", overwrite=True, **options)
     assert again.status == "done"
     assert again.data["model"]["weights_identity"] != first.data["model"]["weights_identity"]
+
+
+def test_a_changed_task_spec_does_not_reuse_the_old_tasks_results(saved: dict, tiny_task: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    spec_path, root = tiny_task
+    options = {"data_root": str(root), "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+               "device": "cpu", "num_workers": 0, "seeds": 1}
+    retbench.evaluate(f"local:{saved['folder']}", str(spec_path), "linear_probe", **options)
+    text = spec_path.read_text()
+    assert "version: 3" in text
+    spec_path.write_text(text.replace("version: 3", "version: 4"))  # the task changed (e.g. its splits)
+    with pytest.raises(RetbenchError, match=r"was computed with another version of task '.*' \(v3, spec .*--overwrite"):
+        retbench.evaluate(f"local:{saved['folder']}", str(spec_path), "linear_probe", **options)
+    again = retbench.evaluate(f"local:{saved['folder']}", str(spec_path), "linear_probe", overwrite=True, **options)
+    assert again.status == "done" and again.data["task"]["version"] in (4, "4")
