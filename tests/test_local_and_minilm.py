@@ -23,6 +23,7 @@ from retbench.local_format import (
     save_local_model,
 )
 from retbench.preprocess import Preprocess
+from retbench.tasks import get_task
 from retbench.text import minilm_dir
 from retbench.text_towers import TextTower, load_text_tower
 
@@ -235,6 +236,7 @@ def test_a_changed_task_spec_does_not_reuse_the_old_tasks_results(saved: dict, t
     text = spec_path.read_text()
     assert "version: 3" in text
     spec_path.write_text(text.replace("version: 3", "version: 4"))  # the task changed (e.g. its splits)
+    get_task.cache_clear()  # specs are read once per process
     with pytest.raises(RetbenchError, match=r"was computed with another version of task '.*' \(v3, spec .*--overwrite"):
         retbench.evaluate(f"local:{saved['folder']}", str(spec_path), "linear_probe", **options)
     again = retbench.evaluate(f"local:{saved['folder']}", str(spec_path), "linear_probe", overwrite=True, **options)
