@@ -107,9 +107,9 @@ def bench_extraction(root: str, size: dict[str, Any], table: Table) -> dict[str,
     import torch
 
     from retbench.adapters import load_model
-    from retbench.evaluate import load_task_data
     from retbench.features import ImageDataset, default_workers, extract
     from retbench.preprocess import normalize
+    from retbench.runner import load_task_data
 
     task = load_task_data("eye4class", root)
     examples = subset(task.examples, size["images"])
@@ -163,7 +163,7 @@ def probe_features(root: str, size: dict[str, Any], cache_dir: str) -> tuple[Any
     from retbench.adapters import load_model
     from retbench.config import RunConfig
     from retbench.data import make_splits
-    from retbench.evaluate import FeatureSource, TaskData, load_task_data
+    from retbench.runner import FeatureSource, TaskData, load_task_data
 
     task = load_task_data(PROBE_TASK, root)
     if size["probe_images"] is not None:

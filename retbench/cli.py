@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """``retbench run``."""
     from retbench.config import RunConfig
-    from retbench.evaluate import run
+    from retbench.runner import run
     from retbench.tasks import resolve_tasks
 
     config = RunConfig(
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: object) -> None:
-    from retbench.evaluate import Result
+    from retbench.runner import Result
 
     assert isinstance(result, Result)
     if result.status == "skipped":

@@ -17,11 +17,11 @@ import retbench
 import retbench.protocols.linear_probe as linear_probe_module
 from retbench.config import RunConfig
 from retbench.errors import RetbenchError
-from retbench.evaluate import load_task_data
 from retbench.metrics import compute_metrics
 from retbench.protocols.base import Context
 from retbench.protocols.few_shot import FEW_SHOT
 from retbench.protocols.linear_probe import LINEAR_PROBE, LINEAR_PROBE_FLAIR
+from retbench.runner import load_task_data
 from retbench.spec import parse_spec
 from retbench.tasks import get_task
 

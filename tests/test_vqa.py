@@ -305,7 +305,7 @@ def test_folder_source_answers_from_the_class_folder(tmp_path: Path) -> None:
 
 
 def test_shipped_eye4class_vqa_keeps_the_eye4class_split(data_root: Path) -> None:
-    from retbench.evaluate import load_task_data
+    from retbench.runner import load_task_data
 
     vqa, cls = load_task_data("eye4class_vqa", str(data_root)), load_task_data("eye4class", str(data_root))
     assert vqa.examples.ids == cls.examples.ids and len(vqa.examples.dropped["conflicting_duplicate"]) == 4

@@ -347,8 +347,8 @@ def _weights(value: str | None) -> str | None:
 def expand_jobs(grid: Grid) -> list[Job]:
     """Every (model, task) job of the grid, grouped by model; unknown names fail with suggestions."""
     from retbench.adapters import ADAPTERS, canonical_model_name, split_model_name
-    from retbench.evaluate import select_protocols
     from retbench.protocols import PROTOCOLS
+    from retbench.runner import select_protocols
     from retbench.tasks import get_task, resolve_tasks
 
     selectors = [str(Path(t).expanduser().resolve()) if t.endswith((".yaml", ".yml")) else t for t in grid.tasks]

@@ -139,8 +139,8 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     def _evaluate(self, protocols: list[str], run: dict[str, Any]) -> None:
         from retbench.config import RunConfig
-        from retbench.evaluate import Result
-        from retbench.evaluate import run as run_config
+        from retbench.runner import Result
+        from retbench.runner import run as run_config
 
         s = self.settings
         config = RunConfig(models=(self.job.model,), tasks=(self.job.task,), protocols=tuple(protocols),
