@@ -117,7 +117,17 @@ def test_eye4class_copies_of_test_images_are_not_in_train(data_root):
     assert spec.splits.group_near_duplicates and str(spec.version) == "2"
     ex = load_examples(spec, data_root)
     splits = make_splits(spec, ex)
+    assert make_splits(spec, ex)["test"].tolist() == splits["test"].tolist()  # merging happens once, same split
     items = file_items("eye4class", [ex.images.path(i) for i in ex.ids], root=ex.images.root)
     hashes = hash_items(items, HashCache(None))
     dist, _ = nearest(hashes[splits["train"]], hashes[splits["test"]])
     assert ex.near_duplicate_pairs >= 20 and (dist <= DEFAULT_MAX_DISTANCE).sum() == 0
+
+
+def test_eye4class_vqa_splits_like_eye4class(data_root):
+    from retbench.runner import load_task_data
+
+    cls, vqa = load_task_data("eye4class", str(data_root)), load_task_data("eye4class_vqa", str(data_root))
+    test_ids = {cls.examples.ids[i] for i in cls.splits["test"]}
+    assert {vqa.examples.ids[i] for i in vqa.splits["test"]} == test_ids
+    assert vqa.examples.near_duplicate_pairs == cls.examples.near_duplicate_pairs > 0

@@ -100,19 +100,16 @@ def load_examples(spec: TaskSpec, root: Path) -> Examples:
     if spec.kind == "retrieval":
         from retbench.data.pairs import load_pairs
 
-        return load_pairs(spec, root).examples
-    if spec.kind == "vqa":
+        examples = load_pairs(spec, root).examples
+    elif spec.kind == "vqa":
         from retbench.data.questions import load_questions
 
-        return load_questions(spec, root).examples
-    from retbench.data.sources import SOURCES
+        examples = load_questions(spec, root).examples
+    else:
+        from retbench.data.sources import SOURCES
 
-    examples = SOURCES.get(spec.source.kind)(spec, root)
-    check_examples(spec, root, examples)
-    if spec.splits.group_near_duplicates:
-        from retbench.data.dedup import merge_near_duplicate_groups
-
-        examples.patients, examples.near_duplicate_pairs = merge_near_duplicate_groups(spec.name, examples)
+        examples = SOURCES.get(spec.source.kind)(spec, root)
+        check_examples(spec, root, examples)
     return examples
 
 

@@ -17,8 +17,14 @@ def make_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
     """Index arrays per split (``train``, optional ``val``, ``test``), never empty.
 
     Examples grouped into items (``examples.item_of``: the images of one retrieval pair) are split
-    item by item, each item with the label, patient and given split of its first row.
+    item by item, each item with the label, patient and given split of its first row. With
+    ``splits.group_near_duplicates``, images showing the same photograph first join one patient group.
     """
+    if spec.splits.group_near_duplicates and examples.near_duplicate_pairs is None:
+        from retbench.data.dedup import merge_near_duplicate_groups
+
+        # once per Examples: probes carve validation folds from the same (merged) groups
+        examples.patients, examples.near_duplicate_pairs = merge_near_duplicate_groups(spec.name, examples)
     if examples.item_of is not None:
         return _item_splits(spec, examples)
     if spec.splits.strategy == "given":
