@@ -21,6 +21,11 @@ from retbench.pretrain.recipe import Preset, Recipe, flip, random_resized_crop
 
 VIT_CPU = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "patch_size": 8, "depth": 6,
                                                       "global_pool": "avg", "fc_norm": False}}
+# MAE's CPU encoder: ViT-Ti/16 (6 blocks) at 128 px = 64 patches, as many as ViT-Ti/8 at 64 px. With 8-px patches
+# the patch embedding maps 192 pixel values to 192 dims, so even a random one keeps every pixel (invertible) and a
+# random ViT is a strong probe baseline; with 16-px patches (768 values -> 192) what the embedding keeps is learnt.
+VIT_CPU_MAE = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 128, "patch_size": 16, "depth": 6,
+                                                          "global_pool": "avg", "fc_norm": False}}
 VIT_GPU = {"timm": "vit_base_patch16_224", "kwargs": {"img_size": 224, "global_pool": "avg", "fc_norm": False}}
 
 
@@ -52,8 +57,8 @@ class MAE(Recipe):
     description = ("Masked autoencoder (RETFound's recipe): ViT encoder on 25% of the patches, light decoder, "
                    "MSE on per-patch-normalised pixels of the masked 75%.")
     presets = {
-        "cpu": Preset(image_size=64, steps=300, batch_size=64, lr=1.5e-3, vision=VIT_CPU,
-                      extra={"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4,
+        "cpu": Preset(image_size=128, steps=1500, batch_size=64, lr=1.5e-3, vision=VIT_CPU_MAE,
+                      extra={"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 4, "decoder_heads": 4,
                              "norm_pix_loss": True}),
         "gpu": Preset(image_size=224, steps=20000, batch_size=256, lr=1.5e-4 * 256 / 256 * 4, vision=VIT_GPU, amp=True,
                       warmup_frac=0.05,
