@@ -48,9 +48,7 @@ def parse_spec(path: Path) -> TaskSpec:
     for m in metrics:
         if m not in METRICS:
             raise r.fail("metrics", METRICS.unknown_message(m))
-    primary = r.get("primary_metric", str, metrics[0])
-    if primary not in metrics:
-        raise r.fail("primary_metric", f"'{primary}' is not in metrics: {', '.join(metrics)}")
+    primary = _primary_metric(r, metrics)
     protocols = r.strings("protocols")
     _check_protocols(r, protocols, kind)
     problem = r.get("problem", str, choices=PROBLEMS)
@@ -60,28 +58,42 @@ def parse_spec(path: Path) -> TaskSpec:
     classes = parse_classes(r)
     if problem == "binary" and len(classes) != 2:
         raise r.fail("classes", f"problem 'binary' needs exactly 2 classes, got {len(classes)}")
-    pre = r.sub("preprocess")
-    pre.check_unknown(PREPROCESS_KEYS)
-    check_preprocess(pre)
+    preprocess = _preprocess(r)
     return TaskSpec(
-        name=r.get("name", str),
-        version=str(r.get("version", (int, str))),
-        file=str(path),
-        description=r.get("description", str, ""),
         modality=r.get("modality", str, choices=MODALITIES),
         problem=problem,
         source=parse_source(r.sub("source", ...), len(classes)),
         classes=classes,
         splits=parse_splits(r.sub("splits")),
-        preprocess=dict(pre.data),
+        preprocess=preprocess,
         metrics=metrics,
         primary_metric=primary,
         protocols=protocols,
-        groups=r.strings("groups", ()),
-        prompt_template=r.get("prompt_template", str, "{}"),
-        citation=r.get("citation", str, ""),
-        raw=raw,
+        **_shared_fields(r, path, raw),
     )
+
+
+def _shared_fields(r: Reader, path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The TaskSpec fields every kind reads the same way (identity, grouping, prompt template, citation)."""
+    return {"name": r.get("name", str), "version": str(r.get("version", (int, str))), "file": str(path),
+            "description": r.get("description", str, ""), "groups": r.strings("groups", ()),
+            "prompt_template": r.get("prompt_template", str, "{}"), "citation": r.get("citation", str, ""), "raw": raw}
+
+
+def _primary_metric(r: Reader, metrics: tuple[str, ...]) -> str:
+    """``primary_metric`` (default: the first metric), which must be one of ``metrics``."""
+    primary = r.get("primary_metric", str, metrics[0])
+    if primary not in metrics:
+        raise r.fail("primary_metric", f"'{primary}' is not in metrics: {', '.join(metrics)}")
+    return primary
+
+
+def _preprocess(r: Reader) -> dict[str, Any]:
+    """The ``preprocess`` hints, checked to make a valid :class:`~retbench.preprocess.Preprocess`."""
+    pre = r.sub("preprocess")
+    pre.check_unknown(PREPROCESS_KEYS)
+    check_preprocess(pre)
+    return dict(pre.data)
 
 
 def _check_protocols(r: Reader, protocols: tuple[str, ...], kind: str) -> None:
@@ -132,18 +144,14 @@ def _parse_kind_task(r: Reader, path: Path, raw: dict[str, Any], kind: str) -> T
         if kind == "vqa" and (METRICS.get(m).per_class or m in RANK_METRICS):
             raise r.fail("metrics", f"got '{m}'; kind 'vqa' averages scalar classification metrics over question "
                          "types (e.g. accuracy, balanced_accuracy)")
-    primary = r.get("primary_metric", str, metrics[0])
-    if primary not in metrics:
-        raise r.fail("primary_metric", f"'{primary}' is not in metrics: {', '.join(metrics)}")
+    primary = _primary_metric(r, metrics)
     protocols = r.strings("protocols", default_protocols)
     _check_protocols(r, protocols, kind)
     if retrieval is not None and "retrieval.linear_map" in protocols and all(map(retrieval.needs_text,
                                                                                    retrieval.directions)):
         raise r.fail("protocols", "protocol 'retrieval.linear_map' maps image features to image features and needs "
                      "an image-to-image direction")
-    pre = r.sub("preprocess")
-    pre.check_unknown(PREPROCESS_KEYS)
-    check_preprocess(pre)
+    preprocess = _preprocess(r)
     src = r.sub("source", ...)
     if kind == "vqa":
         for key in ("bins", "label_column", "label_format"):
@@ -154,23 +162,16 @@ def _parse_kind_task(r: Reader, path: Path, raw: dict[str, Any], kind: str) -> T
     if source.kind not in allowed_sources:
         raise src.fail("kind", f"got '{source.kind}'; kind '{kind}' reads {' or '.join(allowed_sources)} sources")
     return TaskSpec(
-        name=r.get("name", str),
-        version=str(r.get("version", (int, str))),
-        file=str(path),
-        description=r.get("description", str, ""),
         modality=modality,
         problem=kind,
         source=source,
         classes=classes,
         splits=parse_splits(r.sub("splits")),
-        preprocess=dict(pre.data),
+        preprocess=preprocess,
         metrics=metrics,
         primary_metric=primary,
         protocols=protocols,
-        groups=r.strings("groups", ()),
-        prompt_template=r.get("prompt_template", str, "{}"),
-        citation=r.get("citation", str, ""),
-        raw=raw,
+        **_shared_fields(r, path, raw),
         kind=kind,
         retrieval=retrieval,
         vqa=vqa,
