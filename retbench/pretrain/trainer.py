@@ -210,7 +210,7 @@ def _train(recipe: Recipe, optimizer: torch.optim.Optimizer, settings: Settings,
                                     "lower --lr")
             if state["step"] % every == 0 or state["step"] == settings.steps:
                 _save_checkpoint(ckpt_path, settings, recipe, optimizer, state)
-            advance(1)
+            advance(1, status=f"loss {state['log'][-1]['loss']:.4f}")
     recipe.eval()
 
 
