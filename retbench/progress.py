@@ -1,8 +1,8 @@
 """Progress for long work: a rich bar on a terminal, plain lines in logs (silenced by ``RETBENCH_QUIET=1``).
 
-When stderr is not a terminal (a redirected log, a Slurm or submitit job), a live bar cannot redraw, so
-each bar prints a line when it passes a tenth of its work, at most every ``LOG_EVERY_S`` seconds, and
-one when it ends::
+When stderr is neither a terminal nor a notebook (a redirected log, a Slurm or submitit job), a live
+bar cannot redraw, so each bar prints a line when it passes a tenth of its work, at most every
+``LOG_EVERY_S`` seconds, and one when it ends::
 
     pretrain mae: 300/3000 (10%), 03:15 elapsed, ~29:15 left, loss 0.2113
 """
@@ -38,7 +38,7 @@ def progress_bar(description: str, total: int, out: Console | None = None) -> It
     out = out or console
     if quiet():
         yield lambda n=1, status=None: None
-    elif out.is_terminal:
+    elif out.is_terminal or out.is_jupyter:  # rich redraws in place there (a notebook gets a widget)
         with _rich_bar(description, total, out) as advance:
             yield advance
     else:

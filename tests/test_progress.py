@@ -69,3 +69,12 @@ def test_quiet_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     with progress_bar("x", 3, out=out) as advance:
         advance(3, status="s")
     assert buf.getvalue() == ""
+
+
+@pytest.mark.filterwarnings("ignore:install \"ipywidgets\":UserWarning")  # rich falls back without them
+def test_notebook_keeps_the_rich_bar() -> None:
+    buf = io.StringIO()
+    out = Console(file=buf, force_jupyter=True, width=200)
+    with progress_bar("extract", 3, out=out) as advance:
+        advance(3)
+    assert "(100%)" not in buf.getvalue()  # a live display, not log lines
