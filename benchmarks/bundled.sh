@@ -5,8 +5,11 @@
 #      excluded from pretraining by content;
 #   2. benchmark them, the same architectures randomly initialised (--weights random) and three baselines
 #      on every bundled task with linear probe, few-shot and zero-shot;
-#   3. write the leaderboards (markdown, CSV, HTML, figures) with Wilcoxon tests against the baselines.
-# Finished pretraining and results are skipped on a rerun (features are cached).
+#   3. write the leaderboards (markdown, CSV, HTML, figures) with significance tests against the baselines;
+#   4. check that leaderboards/ is byte-identical to the committed one, and fail saying which files drifted
+#      (RETBENCH_ALLOW_DRIFT=1 reports without failing, e.g. after changing what is benchmarked).
+# Finished pretraining and results are skipped on a rerun (features are cached). The `retbench` command pins
+# the CPU kernels (retbench/determinism.py), so pretraining gives the same weights on any x86 CPU with AVX2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
@@ -24,3 +27,13 @@ $RB run --model "local:$RUNS/mae,local:$RUNS/flair" --weights random --task @bun
 $RB leaderboard --results-dir "$RESULTS" --out leaderboards \
   --baseline classical --baseline local:mae@random --baseline local:flair@random
 $RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  drift=$(git status --porcelain --untracked-files=all -- leaderboards)
+  if [ -n "$drift" ]; then
+    echo "leaderboards/ differ from the committed ones:" >&2
+    echo "$drift" >&2
+    [ -n "${RETBENCH_ALLOW_DRIFT:-}" ] || exit 1
+  else
+    echo "leaderboards/ are byte-identical to the committed ones"
+  fi
+fi

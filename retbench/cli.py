@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RetbenchError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    from retbench.determinism import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers, on every x86 CPU
         return 2
 
 

@@ -41,6 +41,9 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
                    help="override one of the recipe's settings (e.g. mask_ratio=0.6; values are JSON, else text); "
                         "an unknown key lists the recipe's options (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and augmentations (default 0)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads (default 2): weights are bitwise reproducible for a fixed count, and differ "
+                        "between counts; recorded in the model card")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-root", help="folder holding the datasets (default: $RETBENCH_DATA)")
     p.add_argument("--exclude", action="append",
@@ -55,12 +58,15 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Run ``retbench pretrain``."""
     from retbench.cli import _csv_list, err
+    from retbench.errors import RetbenchError
     from retbench.pretrain.trainer import PretrainConfig, pretrain
 
+    if args.threads < 1:
+        raise RetbenchError(f"--threads must be at least 1, got {args.threads}")
     config = PretrainConfig(
         recipe=args.recipe, data=_csv_list(args.data), out=args.out, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, arch=args.arch, text_tower=args.text_tower,
-        init=args.init, seed=args.seed, device=args.device, data_root=args.data_root,
+        init=args.init, seed=args.seed, threads=args.threads, device=args.device, data_root=args.data_root,
         exclude=_csv_list(args.exclude) or ("@all",), exclude_all_images=args.exclude_all_images,
         checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, options=parse_options(args.option),
     )

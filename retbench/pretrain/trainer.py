@@ -59,6 +59,7 @@ class PretrainConfig:
     checkpoint_every: int = 25
     cache_dir: str = ""
     options: tuple[tuple[str, Any], ...] = ()  # recipe settings (a preset's ``extra``) overridden with --option
+    threads: int = 2  # CPU threads: results are bitwise reproducible for a fixed count (retbench.determinism)
 
 
 def resolve_settings(config: PretrainConfig) -> Settings:
@@ -135,6 +136,7 @@ def pretrain(config: PretrainConfig) -> Path:
     out = Path(config.out).expanduser().resolve()
     ckpt_path = out / CHECKPOINT
     device = resolve_device(config.device)
+    determinism = _determinism(device, config.threads)
     torch.manual_seed(settings.seed)
     load = Preprocess(size=round(settings.image_size * LOAD_MARGIN), resize="resize_crop", interpolation="bilinear")
     cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache()
@@ -149,8 +151,25 @@ def pretrain(config: PretrainConfig) -> Path:
     if ckpt_path.is_file():
         state = _resume(ckpt_path, settings, recipe, optimizer)
     _train(recipe, optimizer, settings, state, ckpt_path, config.checkpoint_every, device)
-    _export(recipe, settings, data, state, out, config)
+    _export(recipe, settings, data, state, out, config, determinism)
     return out
+
+
+def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
+    """Pin what makes CPU training bitwise reproducible, and say what holds (recorded in the model card)."""
+    from retbench.determinism import deterministic_training, kernel_report
+
+    if device.type != "cpu":
+        return {**kernel_report(), "holds": f"not bitwise: {device.type} kernels are not pinned"}
+    report = deterministic_training(threads)
+    pinned = report["cpu_capability"] == "AVX2"
+    report["holds"] = (
+        f"bitwise-identical weights for the same command, data, torch {report['torch']} and {threads} threads on any "
+        "x86 CPU with AVX2 (kernels pinned to AVX2)" if pinned else
+        f"bitwise-identical weights for the same command on a machine with the same CPU kernels "
+        f"({report['cpu_capability']}), torch {report['torch']} and {threads} threads (kernels were not pinned: "
+        "run through the `retbench` command to pin them)")
+    return report
 
 
 def _default_cache() -> Path:
@@ -215,7 +234,7 @@ def _train(recipe: Recipe, optimizer: torch.optim.Optimizer, settings: Settings,
 
 
 def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any], out: Path,
-            config: PretrainConfig) -> None:
+            config: PretrainConfig, determinism: dict[str, Any] | None = None) -> None:
     from retbench.local_format import save_local_model
 
     parts = recipe.export()
@@ -224,6 +243,7 @@ def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any]
         "settings": {**settings.to_dict(), "vision": parts["vision_cfg"]},  # --init may bring its own architecture
         "data": {k: v for k, v in data.report.items() if k != "excluded"}, "steps_done": state["step"],
         "train_seconds": round(state["seconds"], 1), "final_loss": state["log"][-1]["loss"] if state["log"] else None,
+        "determinism": determinism or {},
     }
     tmp = out / ".export"
     save_local_model(tmp, preprocess=eval_preprocess(settings), recipe=settings.recipe, card=card, overwrite=True,
@@ -285,6 +305,7 @@ def model_card(card: dict[str, Any], config: PretrainConfig) -> str:
         f"| text tower | {s['text_tower'] if RECIPES.get(card['recipe']).needs_text else '-'} |",
         f"| final loss | {card['final_loss']} |",
         f"| training time | {card['train_seconds']} s |",
+        f"| determinism | {card.get('determinism', {}).get('holds', 'not recorded')} |",
         "", "![loss](loss.png)", "",
         "Excluded images are listed in `data_report.json`.", "",
     ]
