@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,8 +203,6 @@ class MaeVitAdapter(Adapter):
     ``None`` for a flat state dict), ``feature`` (a key of :data:`FEATURES`) and optionally
     ``drop_prefixes`` (key prefixes the release deletes before loading).
     """
-
-    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
 
     def build(self) -> None:
         """Build the encoder: seeded random init, or the tag's checkpoint loaded the official way."""

@@ -117,6 +117,8 @@ class BiomedClipAdapter(Adapter):
     """BiomedCLIP via open_clip's CustomTextCLIP."""
 
     family = "biomedclip"
+    # fp32: open_clip create_model_from_pretrained(precision='fp32' by default), no autocast in the model card
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     has_text = True
     default_tag = "vitb16"
     tags: ClassVar[dict[str, WeightsTag]] = {

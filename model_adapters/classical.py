@@ -324,6 +324,8 @@ class ClassicalAdapter(Adapter):
     """Hand-crafted colour, texture and vessel features of fundus images (no weights)."""
 
     family: ClassVar[str] = "classical"
+    # fp32: hand-crafted features (their conv kernels gain nothing from autocast)
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     tags: ClassVar[dict[str, WeightsTag]] = {"default": _TAG}
     has_text: ClassVar[bool] = False
     dim: ClassVar[int] = FEATURE_DIM

@@ -406,6 +406,8 @@ class ClipAdapter(OpenClipModelAdapter):
     """OpenAI CLIP image and text towers (open_clip implementation)."""
 
     family = "clip"
+    # fp16 autocast: openai/CLIP clip.load() keeps the released fp16 weights on CUDA (LayerNorm computed in fp32)
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "vit-b-32"
     tags: ClassVar[dict[str, WeightsTag]] = {
         "vit-b-32": _openai_tag("vit-b-32", "ViT-B-32", "timm/vit_base_patch32_clip_224.openai",

@@ -17,6 +17,12 @@ Reproduced:
   ``data_Glaucoma.py``, ``data_MultiDisease.py``, eval branch): ``transforms.Resize((224, 224))``
   (squash, bilinear), ``ToTensor``, ImageNet mean/std. (``util/datasets.py``'s Resize256+CenterCrop224
   exists in the repository but is not on the main path.)
+- Precision: ``engine_finetune.py`` ``evaluate`` runs the model under ``torch.cuda.amp.autocast()`` (fp16),
+  retbench's default on CUDA for this family.
+
+``tests/test_adapters_official_code.py`` loads random weights in this layout with DERETFound's own
+``models_vit.py`` and ``main_finetune.py`` loading and compares features (and the datasets' evaluation
+transform) with retbench's on a real image.
 
 Licence: CC BY-NC 4.0 (repository LICENSE).
 """
@@ -24,6 +30,8 @@ Licence: CC BY-NC 4.0 (repository LICENSE).
 from __future__ import annotations
 
 from typing import ClassVar
+
+import torch
 
 from model_adapters._mae_vit import MaeVitAdapter
 from retbench.adapters import WeightsTag, register_adapter
@@ -53,5 +61,7 @@ class DeretfoundAdapter(MaeVitAdapter):
     """RETFound-DE MAE ViT-L/16 image encoder (vision only)."""
 
     family = "deretfound"
+    # fp16 autocast: Jonlysun/DERETFound engine_finetune.py evaluate() runs under torch.cuda.amp.autocast()
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "default"
     tags: ClassVar[dict[str, WeightsTag]] = TAGS

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from model_adapters.clip import CLIP_PREPROCESS, OpenClipModelAdapter
 from retbench.adapters import WeightsTag, register_adapter
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -68,6 +70,9 @@ class EyeClipAdapter(OpenClipModelAdapter):
     """EyeCLIP's CLIP ViT-B/32 towers (the MAE decoder of its checkpoint is dropped)."""
 
     family = "eyeclip"
+    # fp16 autocast: EyeCLIP's eyeclip.load() (OpenAI's loader) keeps fp16 weights on CUDA (zero_shot.py); its
+    # fine-tuning evaluation (engine_finetune_multi.py) runs under torch.cuda.amp.autocast()
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "default"
     tags: ClassVar[dict[str, WeightsTag]] = {
         "default": WeightsTag(

@@ -155,6 +155,8 @@ class HfClipAdapter(Adapter):
     """transformers ``CLIPModel`` from a folder or the hub cache."""
 
     family = "hf_clip"
+    # fp32: transformers loads CLIPModel in float32 unless told otherwise
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     open_ended = True
     has_text = True
     example_arg = "openai/clip-vit-base-patch32"

@@ -41,6 +41,8 @@ class LocalAdapter(Adapter):
     """A model in retbench's own on-disk format."""
 
     family = "local"
+    # bf16 autocast: retbench's trainers (retbench/pretrain/trainer.py) train these models under bf16 autocast
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
     open_ended = True
     example_arg = ""  # needs a folder: the contract test writes one with save_local_model
     has_text = False  # per model: set from the folder's config when built

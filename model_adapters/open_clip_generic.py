@@ -124,6 +124,8 @@ class OpenClipAdapter(OpenClipModelAdapter):
     """Any architecture and pretrained tag open_clip knows."""
 
     family = "open_clip"
+    # fp32: open_clip create_model(precision='fp32') is the library's default
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     open_ended = True
     example_arg = "RN50/openai"
     tags: ClassVar[dict[str, WeightsTag]] = {

@@ -18,7 +18,15 @@ adapter fact sheet; ``RetFiner/util_funcs.py:load_vision_backbone`` and ``RetFin
   block's output, the final ``norm`` deleted, ``fc_norm`` a fresh LayerNorm (2048-d / 1536-d) frozen at its
   initialisation; V = ``cat[CLS, mean(patch tokens)]`` after the final ``norm`` (VisionFM ``feat_concat``), 1536-d.
 - Preprocessing (OCT B-scans): ``Resize((224, 224))`` squash bilinear, ``Grayscale`` replicated to 3
-  channels, ``ToTensor``; ImageNet mean/std (R, U) or VisionFM's OCT statistics (V).
+  channels, ``ToTensor``; ImageNet mean/std (R, U) or VisionFM's OCT statistics (V). retbench converts
+  to grey before resizing (``Preprocess.load``), the release after: the same pixels for grey B-scans,
+  at most one grey level apart for colour images.
+- Precision: ``linear_probing/src/utils/train_eval.py`` ``evaluate`` runs the encoder under
+  ``torch.cuda.amp.autocast()`` (fp16), retbench's default on CUDA for this family.
+
+``tests/test_adapters_official_code.py`` loads random weights in each release layout with RetFiner's own
+``vit.py`` / VisionFM ``vision_transformer.py`` and ``clf_tasks_main.py`` loading, and compares features
+and preprocessing with retbench's on real images.
 
 Licence: CC BY-NC 4.0 for the code and the three weight files (README licence table).
 """
@@ -26,6 +34,8 @@ Licence: CC BY-NC 4.0 for the code and the three weight files (README licence ta
 from __future__ import annotations
 
 from typing import ClassVar
+
+import torch
 
 from model_adapters._mae_vit import MaeVitAdapter
 from retbench.adapters import WeightsTag, register_adapter
@@ -37,6 +47,8 @@ CODE = ("ronnief1/RetFiner: linear_probing/main/clf_tasks_main.py, linear_probin
 PAPER = "Fecso et al., RetFiner: A Vision-Language Refinement Scheme for Retinal Foundation Models, MICCAI 2025"
 VISIONFM_OCT_MEAN = (0.21091926, 0.21091926, 0.21091919)
 VISIONFM_OCT_STD = (0.17598894, 0.17598891, 0.17598893)
+DIFFERS = ("the grey conversion runs before the 224 px resize (the release's transform resizes, then converts): "
+           "identical on grey OCT B-scans, at most 1 grey level apart on colour images")
 
 
 def _pre(mean: tuple[float, float, float], std: tuple[float, float, float]) -> Preprocess:
@@ -47,7 +59,7 @@ def _tag(name: str, filename: str, base: str, pre: Preprocess, feature: str, opt
     return WeightsTag(
         name, f"github-release:ronnief1/RetFiner/{filename}", pre, licence="CC BY-NC 4.0", paper=PAPER,
         feature=feature, description=f"RetFiner-{name.upper()}: {base} refined with OCT image-report pairs",
-        filename=filename, url=RELEASE + filename, code=CODE, options=options,
+        filename=filename, url=RELEASE + filename, code=CODE, differs=DIFFERS, options=options,
     )
 
 
@@ -72,5 +84,8 @@ class RetfinerAdapter(MaeVitAdapter):
     """RetFiner-refined ViT image encoders (vision only; the text tower is not released with them)."""
 
     family = "retfiner"
+    # fp16 autocast: ronnief1/RetFiner linear_probing/src/utils/train_eval.py evaluate() (also --get-embeddings)
+    # runs under torch.cuda.amp.autocast(), for all three encoders
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "r"
     tags: ClassVar[dict[str, WeightsTag]] = TAGS

@@ -25,7 +25,8 @@ checkpoint, whose ``norm.*`` is ignored), 1024-d; DINOv2 = timm ``token`` pool, 
 It is the default because it is the pipeline the paper's and the README's results come from.
 
 ``-latent`` tags follow ``latent_feature.ipynb``: PIL ``resize((224, 224))`` (squash, Pillow's default
-bicubic), /255, each image standardised by its own per-channel mean and std; features: MAE as above,
+bicubic), /255, each image standardised by its own per-channel mean and population std (numpy's
+``.std()``), the model run in fp32 (no autocast); features: MAE as above,
 DINOv2 = a fresh ``LayerNorm(1024, eps=1e-6)`` of the mean of the post-``norm`` patch tokens. The notebook
 loads the DINOv2 ``teacher`` dict without stripping ``backbone.`` and so silently keeps timm's ImageNet
 weights (issue #46); retbench loads the retinal weights instead.
@@ -36,6 +37,8 @@ Licence: CC BY-NC 4.0 (code and weights; repository LICENSE since Aug 2023).
 from __future__ import annotations
 
 from typing import ClassVar
+
+import torch
 
 from model_adapters._mae_vit import MaeVitAdapter
 from retbench.adapters import WeightsTag, register_adapter
@@ -71,7 +74,9 @@ def _tag(name: str, repo: str, kind: str, description: str, latent: bool) -> Wei
     if latent:
         feature = MAE_FEATURE if mae else DINO_LATENT_FEATURE
         differs = ("feature-export notebook convention (squash, per-image z-score) instead of the fine-tuning pipeline; "
-                   "retbench's per-image std is the unbiased one (numpy's population std in the notebook, ~1e-5 relative)")
+                   "the per-image std is the population one as in the notebook (numpy .std()), computed in float32 "
+                   "(the notebook: float64) and floored at 1e-6 (a constant channel gives NaN there): rounding-level "
+                   "differences; fp32 on CUDA as the notebook (no autocast)")
         if not mae:
             differs += "; loads the retinal weights (the notebook's missing 'backbone.' strip kept timm's ImageNet ones)"
     else:
@@ -83,6 +88,8 @@ def _tag(name: str, repo: str, kind: str, description: str, latent: bool) -> Wei
         "feature": ("gap_fresh_ln" if mae else ("gap_norm_fresh_ln" if latent else "cls_norm")),
         "convention": "latent_feature.ipynb" if latent else "main_finetune.py",
     }
+    if latent:
+        options["precision"] = "fp32"  # latent_feature.ipynb runs the model without autocast
     return WeightsTag(
         name, f"huggingface:YukunZhou/{repo}", LATENT if latent else FINETUNE, licence=LICENCE,
         paper=PAPER_MAE if mae else PAPER_DINO, feature=feature,
@@ -103,5 +110,8 @@ class RetfoundAdapter(MaeVitAdapter):
     """RETFound MAE / DINOv2 ViT-L image encoders (vision only)."""
 
     family = "retfound"
+    # fp16 autocast: engine_finetune.py evaluate() runs the model under torch.cuda.amp.autocast(); the '-latent'
+    # tags run fp32 as latent_feature.ipynb does (their options['precision'])
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "cfp"
     tags: ClassVar[dict[str, WeightsTag]] = TAGS

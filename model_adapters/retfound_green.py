@@ -18,12 +18,18 @@ What is reproduced, and where each convention comes from (all in github.com/just
   ``read_image`` (uint8 RGB), ``Resize((392, 392), antialias=True)`` (squash, bilinear),
   ``ToDtype(float32, scale=True)``, ``Normalize(0.5, 0.5)``.
 - Fundus crop: the *training* images were cropped offline by
-  ``data_preprocessing_splits_and_subsamples/preprocess_imgs.py`` (row/column means of the
-  background-subtracted intensity, 2.5% margin, black padding to a square, LANCZOS to 1024 px,
-  saved as JPEG q90); ``data.py`` adds random black side padding in training "to be robust in case
-  users forget to do this". The README's usage and the paper's evaluation notebooks
-  (``Ours_IDRID_Inference.ipynb``: IDRiD "1. Original Images") feed uncropped images, so the default
-  here is no crop; a task's ``fundus_crop: true`` selects the release's own method (``mean_bbox``).
+  ``data_preprocessing_splits_and_subsamples/preprocess_imgs.py`` (``preprocess_img``: row/column
+  means of the background-subtracted intensity, 2.5% margin, black padding to a square, LANCZOS to
+  1024 px; ``preprocess_img_mp``: on failure a plain LANCZOS resize to 1024 px, then
+  ``save(<source name>, quality=90, subsampling=0)``; ``data.py``'s training loader reads ``*.jpg``
+  files only, so every training image went through a JPEG q90 4:4:4 encoding); ``data.py`` adds
+  random black side padding in training "to be robust in case users forget to do this". The
+  README's usage and the paper's evaluation notebooks (``Ours_IDRID_Inference.ipynb``: IDRiD
+  "1. Original Images") feed uncropped images, so the default here is no crop; a task's
+  ``fundus_crop: true`` (or ``mean_bbox``) runs all of the release's offline steps
+  (:class:`GreenPreprocess`: retbench's ``mean_bbox`` crop, which gives the release's
+  ``preprocess_img`` output pixel for pixel after the LANCZOS resize, then the JPEG q90 4:4:4
+  round trip in memory) before the 392 px resize.
 - Tag ``notebook``: the evaluation notebooks' feature ``model.forward_features(x).mean(1)``, the
   mean over all 789 tokens (class + 4 registers + 784 patches) after the final norm, which is what
   the paper's linear-probe numbers were computed from.
@@ -31,13 +37,16 @@ What is reproduced, and where each convention comes from (all in github.com/just
 
 from __future__ import annotations
 
-from typing import ClassVar
+import io
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
-from retbench.preprocess import Preprocess
+from retbench.preprocess import Preprocess, crop_fundus_mean_bbox
 from retbench.weights import load_state_dict
 
 ARCH = "vit_small_patch14_reg4_dinov2"
@@ -53,9 +62,51 @@ COMMON = {
     "code": "github.com/justinengelmann/RETFound_Green: README.md, Training_and_eval_code/data.py, "
             "Training_and_eval_code/data_preprocessing_splits_and_subsamples/{preprocess_imgs.py,Ours_IDRID_Inference.ipynb}",
 }
+OFFLINE_SIZE = 1024  # preprocess_imgs.py: res=1024, LANCZOS
+OFFLINE_JPEG_QUALITY = 90  # preprocess_imgs.py: save(..., quality=90, subsampling=0)
 DIFFERS = ("Images are resized with PIL bilinear (antialiased) on uint8; the release uses torchvision v2 Resize "
-           "(antialias=True) on uint8 tensors: rounding-level differences. The training-time offline crop is not "
-           "applied unless a task asks for a fundus crop (the README and evaluation notebooks do not crop).")
+           "(antialias=True) on uint8 tensors: at most 1 grey level apart. The training-time offline preprocessing "
+           "(crop, LANCZOS to 1024 px, JPEG q90) is applied only when a task asks for a fundus crop (the README and "
+           "evaluation notebooks do not crop).")
+
+
+def release_offline_preprocess(image: Image.Image) -> Image.Image:
+    """RETFound-Green's offline preprocessing of a training image (``preprocess_imgs.py``), in memory.
+
+    The ``mean_bbox`` crop (bounding box + 2.5% margin + centred black square padding; an image
+    without foreground is left whole, as the release's fallback does), LANCZOS to 1024 x 1024, then
+    a JPEG encoding at quality 90 without chroma subsampling, decoded again.
+    """
+    square = crop_fundus_mean_bbox(image.convert("RGB"))
+    resized = square.resize((OFFLINE_SIZE, OFFLINE_SIZE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG", quality=OFFLINE_JPEG_QUALITY, subsampling=0)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+@dataclass(frozen=True)
+class GreenPreprocess(Preprocess):
+    """:class:`Preprocess` whose ``mean_bbox`` crop runs all of RETFound-Green's offline steps.
+
+    The two extra fields are recorded with every result (and key the feature cache).
+    """
+
+    offline_size: int = OFFLINE_SIZE
+    offline_jpeg_quality: int = OFFLINE_JPEG_QUALITY
+
+    @classmethod
+    def of(cls, pre: Preprocess) -> GreenPreprocess:
+        """``pre`` with the offline steps attached to its ``mean_bbox`` crop."""
+        return cls(**{f.name: getattr(pre, f.name) for f in fields(Preprocess)})
+
+    def load(self, image: Image.Image) -> torch.Tensor:
+        """Offline steps (when cropping with ``mean_bbox``), then the usual resize to a ``uint8`` tensor."""
+        if self.fundus_crop != "mean_bbox":
+            return super().load(image)
+        plain = Preprocess(**{f.name: getattr(self, f.name) for f in fields(Preprocess)})
+        return replace(plain, fundus_crop="none").load(release_offline_preprocess(image))
 
 
 @register_adapter
@@ -63,6 +114,8 @@ class RetfoundGreenAdapter(Adapter):
     """RETFound-Green: timm ViT-S/14-reg4 at 392 px; mean-pooled tokens after the final norm."""
 
     family = "retfound_green"
+    # fp32: the README's usage and the evaluation notebooks use no autocast
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     fundus_crop_method = "mean_bbox"
     tags: ClassVar[dict[str, WeightsTag]] = {
         "default": WeightsTag(
@@ -80,6 +133,11 @@ class RetfoundGreenAdapter(Adapter):
             differs=DIFFERS, options={"pool": "all_tokens_mean"}, **COMMON,
         ),
     }
+
+    def task_preprocess(self, hints: dict[str, Any]) -> Preprocess:
+        """The task's hints applied; a ``mean_bbox`` crop brings the release's LANCZOS-1024 and JPEG-q90 steps."""
+        pre = super().task_preprocess(hints)
+        return GreenPreprocess.of(pre) if pre.fundus_crop == "mean_bbox" else pre
 
     def build(self) -> None:
         """The timm model on ``self.device``: seeded random init, or the released flat state dict (strict)."""

@@ -39,6 +39,8 @@ class TimmAdapter(Adapter):
     """Generic timm image encoder."""
 
     family = "timm"
+    # fp32: timm's own inference/validation scripts run fp32 unless --amp is given
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     open_ended = True
     example_arg = "resnet18"
     default_random = True

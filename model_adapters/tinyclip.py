@@ -48,6 +48,8 @@ class TinyClipAdapter(Adapter):
     """Deterministic tiny image-text model."""
 
     family = "tinyclip"
+    # fp32: retbench's own test model
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     has_text = True
     default_tag = "test"
     default_random = True

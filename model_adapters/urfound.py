@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from model_adapters._mae_vit import MaeVitAdapter
 from retbench.adapters import WeightsTag, register_adapter
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -56,5 +58,7 @@ class UrfoundAdapter(MaeVitAdapter):
     """UrFound ViT-B/16 image encoder (vision only; the BERT branch is a pretraining decoder)."""
 
     family = "urfound"
+    # fp16 autocast: yukkai/UrFound finetune/engine_finetune.py evaluate() runs under torch.cuda.amp.autocast()
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.float16
     default_tag = "default"
     tags: ClassVar[dict[str, WeightsTag]] = TAGS

@@ -77,6 +77,8 @@ class VisionFMAdapter(Adapter):
     """A VisionFM modality encoder; the probe feature is its classification decoder's input."""
 
     family = "visionfm"
+    # fp32: VisionFM's evaluation/extract_features.py and train_cls_decoder.py use no autocast
+    autocast_dtype: ClassVar[torch.dtype | None] = None
     default_tag = "fundus"
     tags: ClassVar[dict[str, WeightsTag]] = {
         "fundus": _tag("fundus", "Fundus", "13uWm0a02dCWyARUcrCdHZIcEgRfBmVA4",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from retbench.config import PRECISIONS
 from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FundusCrop, Preprocess
 from retbench.registry import Registry
@@ -28,6 +29,22 @@ from retbench.weights import RANDOM, resolve_file
 if TYPE_CHECKING:
     from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
+
+
+AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> None:
+    """Refuse anything but :data:`PRECISIONS`, naming them."""
+    if precision not in PRECISIONS:
+        raise RetbenchError(f"precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
+
+
+def precision_label(dtype: torch.dtype | None) -> str:
+    """``fp32`` (no autocast), ``fp16 autocast`` or ``bf16 autocast``."""
+    if dtype is None:
+        return "fp32"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype] + " autocast"
 
 
 @dataclass(frozen=True)
@@ -71,19 +88,36 @@ class Adapter(ABC):
     open_ended: ClassVar[bool] = False  # family:ARG names, e.g. timm:resnet18
     example_arg: ClassVar[str] = ""  # an argument the contract tests build for open-ended families
     default_random: ClassVar[bool] = False  # no --weights means random init (timm:<name>, tinyclip)
-    # CUDA execution: autocast dtype (None = fp32) and whether channels_last memory helps (CNNs)
-    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
-    channels_last: ClassVar[bool] = False
+    # CUDA execution: the autocast dtype of the release's own inference code (None = fp32; a tag may say
+    # otherwise in ``options["precision"]``), replaced per instance by ``--precision``; see :meth:`__init__`
+    autocast_dtype: ClassVar[torch.dtype | None] = None
+    channels_last: ClassVar[bool] = False  # whether channels_last memory helps (CNNs)
     # the crop a task's ``fundus_crop: true`` selects for this model (its release's own method, if any)
     fundus_crop_method: ClassVar[FundusCrop] = "threshold"
 
-    def __init__(self, tag: WeightsTag, weights: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, tag: WeightsTag, weights: str | None = None, device: str = "cpu",
+                 precision: str = "release") -> None:
         self.tag = tag
         self.weights = weights
         self.device = torch.device(device)
+        check_precision(precision)
+        self.precision = precision  # as asked: release | fp32 | fp16 | bf16
+        # the instance attribute shadows the family's ClassVar: what features.extract autocasts to on CUDA
+        self.autocast_dtype = self.release_autocast_dtype() if precision == "release" else AUTOCAST[precision]
         self.preprocess: Preprocess = tag.preprocess
         self.weights_path: Path | None = None  # the checkpoint actually read, set by weights_file()
         self.build()
+
+    def release_autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the release's inference code: the tag's ``options["precision"]``, else the family's."""
+        if "precision" in self.tag.options:
+            return AUTOCAST[self.tag.options["precision"]]
+        return type(self).autocast_dtype
+
+    @property
+    def inference_precision(self) -> str:
+        """What the forward pass runs in on this device: ``fp32``, or ``fp16``/``bf16`` autocast (CUDA only)."""
+        return precision_label(self.autocast_dtype if self.device.type == "cuda" else None)
 
     @property
     def random_init(self) -> bool:
@@ -182,6 +216,9 @@ class Adapter(ABC):
             "licence": self.tag.licence,
             "feature": self.tag.feature,
             "has_text": self.has_text,
+            "precision": self.inference_precision,  # what ran (CPU/MPS: always fp32, no autocast)
+            "precision_requested": self.precision,
+            "release_precision": precision_label(self.release_autocast_dtype()),  # on CUDA
         }
 
     @classmethod
@@ -283,14 +320,19 @@ def canonical_model_name(name: str) -> str:
     return f"{family}.{tag or cls.default_tag}"
 
 
-def load_model(name: str, weights: str | None = None, device: str = "cpu") -> Adapter:
-    """Build the adapter for ``name`` with optional local ``weights`` on ``device``."""
+def load_model(name: str, weights: str | None = None, device: str = "cpu", precision: str = "release") -> Adapter:
+    """Build the adapter for ``name`` with optional local ``weights`` on ``device``.
+
+    ``precision`` (CUDA only; CPU runs fp32 whatever it says): ``release`` = the autocast of the
+    release's own inference code (:attr:`Adapter.autocast_dtype`), or ``fp32``, ``fp16``, ``bf16``.
+    """
+    check_precision(precision)
     family, tag_name = split_model_name(name)
     cls = ADAPTERS.get(family)
     if cls.open_ended and not tag_name:
         raise RetbenchError(f"model family '{family}' needs an argument: {family}:<{cls.example_arg or 'name'}>")
     tag = cls.resolve_tag(tag_name or cls.default_tag)
-    return cls(tag, weights=weights, device=device)
+    return cls(tag, weights=weights, device=device, precision=precision)
 
 
 def list_models() -> list[dict[str, Any]]:

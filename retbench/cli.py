@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from retbench.config import PRECISIONS
 from retbench.errors import RetbenchError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -118,19 +119,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     run.add_argument("--shots", type=int, nargs="+", help="few-shot k values (default: 1 2 4 8 16 where possible)")
     run.add_argument("--seeds", type=int, help="number of seeds for few-shot and linear probe")
+    run.add_argument("--precision", choices=PRECISIONS, default="release",
+                     help="CUDA forward pass: 'release' (default) = each model's release's own precision (e.g. RETFound's "
+                     "fp16 autocast, FLAIR's fp32), or fp32 / fp16 / bf16 autocast for every model; CPU always runs "
+                     "fp32. The precision used is recorded in each result (model.precision)")
     run.add_argument("--leaderboard", metavar="DIR", help="afterwards, write leaderboards into DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
+    from retbench.determinism import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers, on every x86 CPU
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except RetbenchError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-    from retbench.determinism import pin_cpu_kernels
-
-    pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers, on every x86 CPU
         return 2
 
 
@@ -146,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, device=args.device, weights=args.weights, batch_size=args.batch_size,
         num_workers=args.workers, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
         use_cache=not args.no_cache, shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
+        precision=args.precision,
     )
     results = run(config, on_result=_print_result)
     done = sum(r.status == "done" for r in results)

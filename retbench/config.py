@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from retbench.errors import RetbenchError
+
 DEFAULT_PROTOCOLS = ("linear_probe", "few_shot", "zero_shot")
+PRECISIONS = ("release", "fp32", "fp16", "bf16")
+"""``--precision`` choices (CUDA only): each release's own inference precision, or one forced for every model."""
 
 
 def default_cache_dir() -> str:
@@ -34,10 +38,13 @@ class RunConfig:
     use_cache: bool = True
     shots: tuple[int, ...] | None = None
     seeds: int | None = None
+    precision: str = "release"  # CUDA autocast: the release's own (per model), or fp32 / fp16 / bf16 for all
 
     def __post_init__(self) -> None:
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
+        if self.precision not in PRECISIONS:
+            raise RetbenchError(f"precision must be one of {', '.join(PRECISIONS)}; got '{self.precision}'")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""

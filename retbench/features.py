@@ -96,7 +96,7 @@ def largest_fitting_batch(try_batch: Callable[[int], None], start: int = 512) ->
     return 1
 
 
-_AUTO_BATCH: dict[tuple[str, int, bool], int] = {}
+_AUTO_BATCH: dict[tuple[str, int, bool, str], int] = {}
 
 
 def auto_batch_size(adapter: Adapter, preprocess: Preprocess, joint: bool) -> int:
@@ -109,7 +109,7 @@ def auto_batch_size(adapter: Adapter, preprocess: Preprocess, joint: bool) -> in
     """
     if adapter.device.type != "cuda":
         return 64 if preprocess.size <= 256 else 16
-    key = (adapter.name, preprocess.size, joint)
+    key = (adapter.name, preprocess.size, joint, adapter.inference_precision)  # fp32 needs more memory than autocast
     if key not in _AUTO_BATCH:
         encode = adapter.encode_image_joint if joint else adapter.encode_image
         dtype = adapter.autocast_dtype
@@ -192,6 +192,8 @@ class FeatureCache:
             "model": adapter.name, "weights": adapter.weights_identity(), "preprocess": preprocess.to_dict(),
             "task": task, "task_version": version, "images": image_hash, "space": "joint" if joint else "features",
         }
+        if adapter.inference_precision != "fp32":  # autocast features are other numbers (fp32 keys stay as they were)
+            ident["precision"] = adapter.inference_precision
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
     def load(self, key: str) -> Features | None:

@@ -166,7 +166,7 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
                 continue
             if task_name not in tasks:
                 tasks[task_name] = load_task_data(task_name, config.data_root)
-            adapter = adapter or load_model(model, config.weights, str(device))
+            adapter = adapter or load_model(model, config.weights, str(device), config.precision)
             if spec.kind != "classification":
                 for p, path in pending:
                     out.append(_report(_run_kind(adapter, tasks[task_name], p, path, config, device), on_result))
