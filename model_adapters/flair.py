@@ -25,18 +25,38 @@ What is reproduced, and where each convention comes from (all in github.com/jusi
   ``lowercase=True`` on the same vocabulary.
 - Weights: the Hugging Face repo ``jusiro2/FLAIR`` (``model.safetensors``, written by
   ``PyTorchModelHubMixin`` = the state dict). The older Google Drive release (``flair_resnet.pth``
-  inside ``weights.zip``, README "Note") is the same state dict as a plain ``torch.save``; it may
-  carry ``text_model.model.embeddings.position_ids`` (saved by transformers < 4.31), which is
-  dropped. Pass it with ``--weights flair_resnet.pth``.
+  inside ``weights.zip``; ``documents/FAQ.md``, the README "Note" until 2025-11) is the same state
+  dict as a plain ``torch.save``; it may carry ``text_model.model.embeddings.position_ids`` (saved
+  by transformers < 4.31), which is dropped. Pass it with ``--weights flair_resnet.pth``.
 - Preprocessing (``flair/pretraining/data/transforms.py``: ``LoadImage``, ``ImageScaling``;
   ``FLAIRModel.preprocess_image``): RGB scaled to [0, 1] with no mean/std normalisation; the long
   side resized to 512 keeping the aspect ratio, zero-padded at the bottom/right onto a 512x512
-  canvas (square images: plain resize). The optional foreground crop (``--crop_foreground``,
-  default True in ``main_transferability.py`` since 2025) is off by default here: the published
-  numbers applied it to MESSIDOR only (FLAIR issue #7: zero-shot ACA 0.490 without vs 0.604 with),
-  so tasks that need it say ``fundus_crop: true`` and get FLAIR's own method (``li_red``).
-- Linear-probe feature (README "Linear Probing": ``--project_features False --norm_features
-  False``): the raw 2048-d ResNet feature, :meth:`FlairAdapter.encode_image`.
+  canvas (square images: plain resize). FLAIR resizes the float tensor with torchvision ``Resize``,
+  which antialiases tensors by default from torchvision 0.17 (README "Install FLAIR" installs 0.21
+  since 2025-11-21; ``FLAIRModel.preprocess_image`` passes ``antialias=True`` since commit 04c2fd5);
+  retbench resizes with PIL's antialiased bilinear on uint8 (the tag's ``differs``). The optional
+  foreground crop (``--crop_foreground``, default True in ``main_transferability.py`` since
+  2025-04) is off by default here: the published numbers applied it to MESSIDOR only (FLAIR
+  issue #7: zero-shot ACA 0.490 without vs 0.604 with), so tasks that need it say
+  ``fundus_crop: true`` and get FLAIR's own method (``li_red``).
+- Linear-probe feature. Two tags, one per path through ``main_transferability.py`` (read at
+  jusiro/FLAIR d6652d5, 2025-11-27), both with the README "Linear Probing" flags
+  ``--method lp --shots_train 80% --shots_test 20% --project_features False --norm_features False``:
+
+  * ``flair`` / ``flair.default`` -- the raw 2048-d ResNet-50 feature. ``process()`` builds
+    ``FLAIRModel(from_checkpoint=..., weights_path=..., projection=args.project_features,
+    norm_features=args.norm_features)`` whenever ``--weights_path`` is given, so ``VisionModel``'s
+    ``ProjectionLayer`` has ``apply_projection=False`` and returns its input unchanged
+    (``flair/modeling/model.py``). Every ``main_transferability.py`` before 2025-11-21 (commit
+    6ba87e9) built the model this way for every run: the paper's setting.
+  * ``flair.projected`` -- the 512-d projected, L2-normalised feature. Since 2025-11-21,
+    ``--load_weights True`` without ``--weights_path`` (the README's command as written) takes
+    ``FLAIRModel.from_pretrained("jusiro2/FLAIR")``, which builds the model with its stored init
+    arguments, then sets ``model.project_features`` / ``model.norm_features`` -- attributes nothing
+    reads (``ProjectionLayer`` copied ``projection``/``norm`` at construction). The projection stays
+    on: the README's own ``model(image, text)`` example multiplies image by text embeddings, which
+    only share a width (512) with projection on. Normalisation on is ``FLAIRModel``'s default
+    (``norm_features=True``); the hub ``config.json`` itself was not read here.
 - Zero-shot (``flair/transferability/modeling/adapters.py``: ``ZeroShot``;
   ``FLAIRModel.compute_text_embeddings``; README "Zero-shot": ``--domain_knowledge True``): image
   embeddings projected and normalised; per class, the expert descriptions (the task's prompts,
@@ -153,37 +173,63 @@ def load_flair_state(net: FlairNet, path: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
+SOURCE = "hf:jusiro2/FLAIR (FLAIR ResNet-50 + Bio_ClinicalBERT, MedIA 2025)"
+PRE = Preprocess(size=512, resize="pad_canvas", interpolation="bilinear", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                 fundus_crop="none")
+LEGACY = {"legacy_filename": "flair_resnet.pth",
+          "legacy_url": "https://drive.google.com/file/d/1l24_2IzwQdnaa034I0zcyDLs_zMujsbR"}
+DIFFERS = (
+    "Images are resized with PIL bilinear (antialiased) on uint8 and rounded to uint8 before scaling to [0, 1]; "
+    "FLAIR resizes the float [0, 1] tensor with torchvision Resize. With the torchvision its README now installs "
+    "(0.21, whose Resize antialiases tensors by default; FLAIRModel.preprocess_image also passes antialias=True) "
+    "the two agree to one uint8 level (max |diff| 1/255, mean 0.0009 on FLAIR's 1024x683 sample). The paper-era "
+    "installs (torchvision 0.14 in the 2023 requirements.txt, 0.15.2 in the README until 2025-11) did not "
+    "antialias tensors in the data loader: mean |diff| 0.0016, max 0.020 on that sample (0.0015 and 0.13 on "
+    "its 796x772 one). The foreground crop is off unless a task asks for it (FLAIR's CLI crops every dataset since "
+    "2025-04; its published numbers cropped MESSIDOR only). Texts outside zero-shot are embedded one at a time "
+    "(no padding); FLAIR pads each call's texts together."
+)
+COMMON = {
+    "licence": "Apache-2.0 (code and weights)",
+    "paper": "Silva-Rodriguez et al., Medical Image Analysis 99:103357, 2025 (arXiv:2308.07898)",
+    "filename": "model.safetensors", "hub_id": "jusiro2/FLAIR", "url": "https://huggingface.co/jusiro2/FLAIR",
+    "code": "github.com/jusiro/FLAIR: flair/modeling/model.py, flair/pretraining/data/transforms.py, "
+            "flair/transferability/modeling/adapters.py, main_transferability.py",
+    "differs": DIFFERS,
+}
+
+
 @register_adapter
 class FlairAdapter(Adapter):
-    """FLAIR: raw ResNet-50 features for probes; projected image/text embeddings for zero-shot."""
+    """FLAIR: raw (or, tag ``projected``, projected) ResNet-50 features for probes; projected embeddings for zero-shot."""
 
     family = "flair"
+    autocast_dtype = None
     has_text = True
     channels_last = True
     fundus_crop_method = "li_red"
     tags: ClassVar[dict[str, WeightsTag]] = {
         "default": WeightsTag(
-            "default", "hf:jusiro2/FLAIR (FLAIR ResNet-50 + Bio_ClinicalBERT, MedIA 2025)",
-            Preprocess(size=512, resize="pad_canvas", interpolation="bilinear", mean=(0.0, 0.0, 0.0),
-                       std=(1.0, 1.0, 1.0), fundus_crop="none"),
-            licence="Apache-2.0 (code and weights)",
-            paper="Silva-Rodriguez et al., Medical Image Analysis 99:103357, 2025 (arXiv:2308.07898)",
-            feature="ResNet-50 global-average-pooled feature, un-projected (2048-d; FLAIR's linear probe); "
-                    "joint space: projected + L2-normalised (512-d)",
+            "default", SOURCE, PRE,
+            feature="ResNet-50 global-average-pooled feature, un-projected (2048-d; the paper's linear probe: "
+                    "main_transferability.py --method lp --project_features False --norm_features False with "
+                    "--weights_path, and every version before 2025-11-21); joint space: projected + "
+                    "L2-normalised (512-d)",
             description="FLAIR, trained on 37 public fundus datasets with expert-knowledge text prompts. The legacy "
                         "Google Drive file flair_resnet.pth (same state dict) also loads with --weights.",
-            filename="model.safetensors", hub_id="jusiro2/FLAIR", url="https://huggingface.co/jusiro2/FLAIR",
-            code="github.com/jusiro/FLAIR: flair/modeling/model.py, flair/pretraining/data/transforms.py, "
-                 "flair/transferability/modeling/adapters.py, main_transferability.py",
-            differs="Images are resized with PIL (antialiased bilinear) on uint8 before scaling to [0, 1]; FLAIR's "
-                    "data loader resizes float tensors with torchvision Resize, which on its pinned torchvision "
-                    "(0.13/0.15) does not antialias tensors (FLAIRModel.preprocess_image does): mean |diff| 0.0016 "
-                    "(antialiased: 0.0009) on a 2x downscale, larger for bigger images. The foreground crop is off "
-                    "unless a task asks for it (FLAIR's CLI crops every "
-                    "dataset since 2025; its published numbers cropped MESSIDOR only). Texts outside zero-shot are "
-                    "embedded one at a time (no padding); FLAIR pads each call's texts together.",
-            options={"legacy_filename": "flair_resnet.pth",
-                     "legacy_url": "https://drive.google.com/file/d/1l24_2IzwQdnaa034I0zcyDLs_zMujsbR"},
+            options={"probe_feature": "raw", **LEGACY},
+            **COMMON,
+        ),
+        "projected": WeightsTag(
+            "projected", SOURCE, PRE,
+            feature="projection head output, L2-normalised (512-d; the README's linear-probe command as run since "
+                    "2025-11-21: main_transferability.py --method lp --load_weights True --project_features False "
+                    "--norm_features False without --weights_path loads from_pretrained('jusiro2/FLAIR'), whose "
+                    "projection stays on); joint space: the same",
+            description="FLAIR with the probe feature its current README command yields; same weights as the "
+                        "default tag (the paper's raw 2048-d feature).",
+            options={"probe_feature": "projected", **LEGACY},
+            **COMMON,
         ),
     }
 
@@ -217,7 +263,9 @@ class FlairAdapter(Adapter):
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw 2048-d ResNet-50 features (FLAIR's linear-probe setting)."""
+        """The probe feature: raw 2048-d ResNet-50 (``default``) or projected + L2-normalised 512-d (``projected``)."""
+        if self.tag.options["probe_feature"] == "projected":
+            return self.encode_image_joint(pixels)
         return self.net.vision_model.model(pixels).float()
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ same weights (not through the adapter). Preprocessing fields are checked against
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def jitter_norms(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- FLAIR
+
+FLAIR_FIXTURES = Path(__file__).parent / "fixtures" / "flair_release"
+
+
+def flair_release_module(name: str):
+    """A module of FLAIR's own code copied under tests/fixtures/flair_release (Apache-2.0, provenance inside)."""
+    spec = importlib.util.spec_from_file_location(f"flair_release_{name}", FLAIR_FIXTURES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class FlairRelease:
@@ -208,6 +219,94 @@ def test_flair_preprocessing_matches_release(flair_hf, data_root):
     ours = normalize(out[None], pre)[0, :, :341]
     assert torch.equal(normalize(out[None], pre)[0], out.float() / 255)  # no mean/std: [0, 1] pixels
     assert (ours - flair).abs().mean() < 1.5 / 255
+
+
+def test_flair_probe_features_follow_the_two_release_paths(flair_release, flair_hf, monkeypatch):
+    """``flair`` = the paper's raw 2048-d feature, ``flair.projected`` = the current README command's 512-d one.
+
+    Reference: FLAIR's own ``VisionModel``/``ProjectionLayer`` (copied unchanged into the fixture) built as
+    ``main_transferability.py`` builds them: ``--weights_path`` given -> ``projection=False, norm_features=False``;
+    the ``from_pretrained`` path -> FLAIRModel's defaults ``projection=True, norm_features=True`` (the flags set
+    afterwards are attributes nothing reads).
+    """
+    from safetensors.torch import load_file
+
+    release = flair_release_module("flair_vision_model")
+    vision = {k.removeprefix("vision_model."): v for k, v in load_file(str(flair_release.safetensors)).items()
+              if k.startswith("vision_model.")}
+    paper = release.VisionModel(vision_type="resnet_v1", pretrained=False, projection=False, norm=False)
+    readme = release.VisionModel(vision_type="resnet_v1", pretrained=False, projection=True, norm=True)
+    for model in (paper, readme):
+        model.load_state_dict(vision, strict=True)
+        model.eval()
+    offline_env(monkeypatch, flair_release.env_root)
+    projected = load_model("flair.projected")
+    try:
+        assert projected.weights_path == flair_release.safetensors  # same file as the default tag
+        x = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(3))
+        with torch.inference_mode():
+            want_raw, want_proj = paper(x), readme(x)
+            got_raw, got_proj = flair_hf.encode_image(x), projected.encode_image(x)
+        assert got_raw.shape == (2, 2048) and got_proj.shape == (2, 512)
+        torch.testing.assert_close(got_raw, want_raw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_proj, want_proj, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_proj.norm(dim=-1), torch.ones(2), rtol=0, atol=1e-5)
+        # the projected feature is the projection head output L2-normalised, and the joint-space embedding
+        head = projected.net.vision_model.projection_head_vision.projection.weight
+        by_hand = F.normalize(F.normalize(want_raw, dim=-1) @ head.T, dim=-1)
+        torch.testing.assert_close(got_proj, by_hand, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_proj, projected.encode_image_joint(x), rtol=0, atol=0)
+        # the independent hand-written reference agrees with both
+        raw, joint = flair_release.image(x)
+        torch.testing.assert_close(got_raw, raw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_proj, joint, rtol=1e-4, atol=1e-5)
+    finally:
+        del projected
+    # each tag names the FLAIR command it reproduces
+    default_tag, projected_tag = flair_hf.tags["default"], flair_hf.tags["projected"]
+    assert "--project_features False --norm_features False" in default_tag.feature
+    assert "--weights_path" in default_tag.feature and "2048-d" in default_tag.feature
+    assert "without --weights_path" in projected_tag.feature and "from_pretrained('jusiro2/FLAIR')" in projected_tag.feature
+    assert "512-d" in projected_tag.feature
+
+
+def test_flair_resize_matches_release_loader_as_differs_states(flair_hf, data_root):
+    """The ``differs`` text's numbers, measured against FLAIR's own LoadImage + ImageScaling (copied unchanged).
+
+    With the installed torchvision (>= 0.17, as FLAIR's README's 0.21) ImageScaling's plain ``Resize`` antialiases
+    tensors; the paper-era torchvision (0.14/0.15) did not, which ``antialias=False`` reproduces.
+    """
+    from torchvision.transforms import Resize
+
+    transforms = flair_release_module("flair_transforms")
+    differs = flair_hf.tags["default"].differs
+    assert differs == flair_hf.tags["projected"].differs
+    stated = {  # image: (mean, max) |diff| with antialias, then without
+        "severe_nonprol_dr.jpg": ((0.0009, 1 / 255), (0.0016, 0.020)),
+        "sample_macular_hole.png": (None, (0.0015, 0.13)),
+    }
+    for name, (aa, no_aa) in stated.items():
+        path = data_root / "flair" / "documents" / name
+        data = transforms.LoadImage(crop_foreground=False)({"image_path": str(path)})
+        release = transforms.ImageScaling(size=(512, 512))(dict(data))["image"].float()  # FLAIR's own loader, as installed
+        ours = normalize(flair_hf.preprocess.load(Image.open(path))[None], flair_hf.preprocess)[0]
+        assert release.shape == ours.shape == (3, 512, 512)
+        img = torch.tensor(data["image"])
+        scale = max(img.shape[-2:]) / 512
+        h, w = int(img.shape[-2] / scale), int(img.shape[-1] / scale)  # the resized image; zero padding beyond
+        assert ours[:, h:].eq(0).all() and release[:, h:].eq(0).all() and ours[:, :, w:].eq(0).all()
+        diff = (ours - release)[:, :h, :w].abs()
+        # antialiased (torchvision >= 0.17 default): within one uint8 level everywhere
+        assert diff.max() <= 1 / 255 + 1e-6 and diff.mean() < 0.001
+        if aa is not None:
+            assert diff.mean().item() == pytest.approx(aa[0], abs=5e-5)
+        # FLAIR's paper-era loader: the same resize without antialiasing on tensors
+        old = Resize((h, w), antialias=False)(img).float()
+        old_diff = (ours[:, :h, :w] - old).abs()
+        assert old_diff.mean().item() == pytest.approx(no_aa[0], abs=5e-5)
+        assert old_diff.max().item() == pytest.approx(no_aa[1], abs=5e-4)
+    assert "0.21" in differs and "max |diff| 1/255, mean 0.0009" in differs
+    assert "mean |diff| 0.0016, max 0.020" in differs and "0.0015 and 0.13" in differs
 
 
 def test_flair_missing_files_name_them(flair_release, tmp_path, monkeypatch):

@@ -18,9 +18,10 @@ import retbench.protocols.linear_probe as linear_probe_module
 from retbench.config import RunConfig
 from retbench.errors import RetbenchError
 from retbench.metrics import compute_metrics
+from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context
 from retbench.protocols.few_shot import FEW_SHOT
-from retbench.protocols.linear_probe import LINEAR_PROBE, LINEAR_PROBE_FLAIR
+from retbench.protocols.linear_probe import LINEAR_PROBE
 from retbench.runner import load_task_data
 from retbench.spec import parse_spec
 from retbench.tasks import get_task
@@ -117,7 +118,7 @@ def test_linear_probe_never_fits_on_test_rows(tiny_data, monkeypatch: pytest.Mon
 
 
 def test_patient_grouping_in_probe_splits(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """mx_dme_oct_dme: carved validation (default probe) and FLAIR folds never split a patient."""
+    """mx_dme_oct_dme: carved validation (default probe) and the patient-grouped FLAIR folds never split a patient."""
     data = load_task_data("mx_dme_oct_dme", str(data_root))
     patients = np.asarray(data.examples.patients, dtype=object)
     feats = np.random.default_rng(0).normal(size=(len(patients), 8)).astype(np.float32)
@@ -126,7 +127,7 @@ def test_patient_grouping_in_probe_splits(data_root: Path, monkeypatch: pytest.M
     for p in calls[0]:
         assert not set(patients[p.fit]) & set(patients[p.predict])
     calls.clear()
-    out = LINEAR_PROBE_FLAIR.run(_context(data, feats))
+    out = PROTOCOLS.get("linear_probe.flair_grouped").run(_context(data, feats))
     assert out.settings["patient_grouped"] is True and out.settings["Cs"] == [0.316]
     (folds,) = calls
     assert len(folds) == 5

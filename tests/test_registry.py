@@ -110,7 +110,8 @@ def test_shipped_registries_hold_their_entries() -> None:
 
     discover_adapters()
     assert {"classical", "tinyclip", "timm"} <= set(ADAPTERS.names())
-    assert PROTOCOLS.names("linear_probe*") == ["linear_probe", "linear_probe.flair", "linear_probe.retfound"]
+    assert PROTOCOLS.names("linear_probe*") == ["linear_probe", "linear_probe.flair", "linear_probe.flair_grouped",
+                                                 "linear_probe.retfound"]
     assert PROTOCOLS.get("few_shot").name == "few_shot"
     assert SOURCES.names() == ["csv", "folder", "hf_disk", "npz"]
     with pytest.raises(UnknownNameError, match="did you mean 'tinyclip'"):
