@@ -3,18 +3,22 @@
 Every metric takes ``y_true`` (N,) integer labels and ``proba`` (N, K) class
 probabilities (or scores) and returns a float, or a list of floats for per-class
 metrics. Predicted labels are ``proba.argmax(1)``. The variant is in the name:
-``kappa_quadratic`` (FLAIR) vs ``kappa_unweighted`` (RETFound).
+``kappa_quadratic`` (FLAIR) vs ``kappa_unweighted`` (RETFound); ``aupr`` (binary: the
+positive class's average precision) vs ``aupr_retfound`` (RETFound's mean over every class's
+one-hot column, both columns for binary tasks).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn import metrics as skm
 
+from retbench import weighted_metrics as wm
 from retbench.registry import Registry
 
 
@@ -27,6 +31,9 @@ class Metric:
     higher_is_better: bool
     description: str
     per_class: bool = False
+    weighted: wm.WeightedForm | None = None
+    """``weighted(y, proba, W)``: the metric under each row of image weights ``W`` (B, N) at once
+    (bootstrap replicates); None: resampled by repeating indices."""
 
     def __call__(self, y_true: np.ndarray, proba: np.ndarray) -> float | list[float]:
         return self.fn(np.asarray(y_true), np.asarray(proba))
@@ -35,11 +42,12 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric", entry_point_group="retbench.metrics")
 
 
-def metric(name: str, description: str, higher_is_better: bool = True, per_class: bool = False) -> Callable:
-    """Decorator registering a metric function under ``name``."""
+def metric(name: str, description: str, higher_is_better: bool = True, per_class: bool = False,
+           weighted: wm.WeightedForm | None = None) -> Callable:
+    """Decorator registering a metric function under ``name`` (with its vectorised weighted form, if any)."""
 
     def wrap(fn: Callable[[np.ndarray, np.ndarray], float | list[float]]) -> Callable:
-        METRICS.register(name, Metric(name, fn, higher_is_better, description, per_class))
+        METRICS.register(name, Metric(name, fn, higher_is_better, description, per_class, weighted))
         return fn
 
     return wrap
@@ -53,28 +61,30 @@ def _labels(proba: np.ndarray) -> np.ndarray:
     return np.arange(proba.shape[1])
 
 
-@metric("accuracy", "fraction of correct top-1 predictions")
+@metric("accuracy", "fraction of correct top-1 predictions", weighted=wm.from_confusion(wm.accuracy_from_confusion))
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.accuracy_score(y, _pred(proba)))
 
 
-@metric("aca", "average class accuracy = balanced accuracy = mean per-class recall (FLAIR's ACA)")
+@metric("aca", "average class accuracy = balanced accuracy = mean per-class recall (FLAIR's ACA)",
+        weighted=wm.from_confusion(wm.balanced_accuracy_from_confusion))
 def aca(y: np.ndarray, proba: np.ndarray) -> float:
     recall = skm.recall_score(y, _pred(proba), labels=np.unique(y), average=None, zero_division=0)
     return float(np.mean(recall))
 
 
-@metric("f1_macro", "unweighted mean of per-class F1")
+@metric("f1_macro", "unweighted mean of per-class F1", weighted=wm.from_confusion(wm.f1_macro_from_confusion))
 def f1_macro(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.f1_score(y, _pred(proba), labels=_labels(proba), average="macro", zero_division=0))
 
 
-@metric("f1_weighted", "support-weighted mean of per-class F1")
+@metric("f1_weighted", "support-weighted mean of per-class F1", weighted=wm.from_confusion(wm.f1_weighted_from_confusion))
 def f1_weighted(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.f1_score(y, _pred(proba), labels=_labels(proba), average="weighted", zero_division=0))
 
 
-@metric("auroc", "ROC AUC: binary on the positive class, else macro one-vs-rest over classes present")
+@metric("auroc", "ROC AUC: binary on the positive class, else macro one-vs-rest over classes present",
+        weighted=wm.auroc_form)
 def auroc(y: np.ndarray, proba: np.ndarray) -> float:
     present = np.unique(y)
     if len(present) < 2:
@@ -85,7 +95,7 @@ def auroc(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean([skm.roc_auc_score(onehot[:, k], proba[:, k]) for k in present]))
 
 
-@metric("aupr", "average precision: binary on the positive class, else macro one-vs-rest")
+@metric("aupr", "average precision: binary on the positive class, else macro one-vs-rest", weighted=wm.aupr_form)
 def aupr(y: np.ndarray, proba: np.ndarray) -> float:
     present = np.unique(y)
     if proba.shape[1] == 2:
@@ -94,17 +104,30 @@ def aupr(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean([skm.average_precision_score(onehot[:, k], proba[:, k]) for k in present]))
 
 
-@metric("kappa_quadratic", "Cohen's kappa with quadratic weights (FLAIR, ordinal grading)")
+@metric("aupr_retfound", "RETFound's AUPR: average precision of every one-hot column (both columns for binary "
+        "tasks), unweighted mean over all K classes; a class absent from the test labels counts as AP 0 "
+        "(rmaphoh/RETFound_MAE engine_finetune.py: average_precision_score(one-hot, softmax, average='macro'))",
+        weighted=wm.aupr_all_columns_form)
+def aupr_retfound(y: np.ndarray, proba: np.ndarray) -> float:
+    onehot = (np.asarray(y)[:, None] == _labels(proba)[None, :]).astype(int)
+    with warnings.catch_warnings():  # an absent class: scikit-learn warns and scores it 0, as RETFound's numbers do
+        warnings.filterwarnings("ignore", message="No positive class found in y_true")
+        return float(skm.average_precision_score(onehot, proba, average="macro"))
+
+
+@metric("kappa_quadratic", "Cohen's kappa with quadratic weights (FLAIR, ordinal grading)",
+        weighted=wm.from_confusion(lambda cm: wm.kappa_from_confusion(cm, "quadratic")))
 def kappa_quadratic(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.cohen_kappa_score(y, _pred(proba), labels=_labels(proba), weights="quadratic"))
 
 
-@metric("kappa_unweighted", "Cohen's kappa without weights (RETFound)")
+@metric("kappa_unweighted", "Cohen's kappa without weights (RETFound)",
+        weighted=wm.from_confusion(lambda cm: wm.kappa_from_confusion(cm, None)))
 def kappa_unweighted(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.cohen_kappa_score(y, _pred(proba), labels=_labels(proba)))
 
 
-@metric("mcc", "Matthews correlation coefficient (multiclass generalisation)")
+@metric("mcc", "Matthews correlation coefficient (multiclass generalisation)", weighted=wm.from_confusion(wm.mcc_from_confusion))
 def mcc(y: np.ndarray, proba: np.ndarray) -> float:
     return float(skm.matthews_corrcoef(y, _pred(proba)))
 
@@ -132,7 +155,8 @@ def specificity_per_class(y: np.ndarray, proba: np.ndarray) -> list[float]:
     return out
 
 
-@metric("balanced_accuracy", "mean per-class recall over the classes present (the number aca is; VQA's name)")
+@metric("balanced_accuracy", "mean per-class recall over the classes present (the number aca is; VQA's name)",
+        weighted=wm.from_confusion(wm.balanced_accuracy_from_confusion))
 def balanced_accuracy(y: np.ndarray, proba: np.ndarray) -> float:
     return aca(y, proba)
 

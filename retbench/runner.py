@@ -20,7 +20,7 @@ from retbench.errors import RetbenchError
 from retbench.features import FeatureCache, Features, extract
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
-from retbench.protocols.base import Context, summarize
+from retbench.protocols.base import Context, Resampling, summarize
 from retbench.spec import TaskSpec
 from retbench.store import result_path, stale_reason, write_result
 from retbench.tasks import get_task
@@ -213,6 +213,7 @@ def _run_one(source: FeatureSource, protocol_name: str, path: Path, config: RunC
 def _result_dict(source: FeatureSource, protocol: Any, output: Any, metric_names: tuple[str, ...],
                  features: Features, config: RunConfig, device: Any, timings: dict[str, Any]) -> dict[str, Any]:
     spec, ex, splits = source.task.spec, source.task.examples, source.task.splits
+    resampling = Resampling.of(spec, ex)
     return {
         "schema": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -222,7 +223,8 @@ def _result_dict(source: FeatureSource, protocol: Any, output: Any, metric_names
         "protocol": {"name": protocol.name, "description": protocol.description, "settings": output.settings},
         "preprocess": source.preprocess.to_dict(),
         "primary_metric": spec.primary_metric,
-        **_summaries(output.runs, metric_names, spec.primary_metric),
+        **_summaries(output.runs, metric_names, spec.primary_metric, resampling),
+        "resampling": resampling.to_dict(i for r in output.runs for i in r.indices),
         "data": _data_summary(spec, ex, splits, features),
         "runs": [r.to_dict() for r in output.runs],
         "environment": environment(device),
@@ -232,12 +234,12 @@ def _result_dict(source: FeatureSource, protocol: Any, output: Any, metric_names
     }
 
 
-def _summaries(runs: list, metric_names: tuple[str, ...], primary: str) -> dict[str, Any]:
+def _summaries(runs: list, metric_names: tuple[str, ...], primary: str, resampling: Resampling) -> dict[str, Any]:
     """Headline metrics (few-shot: the largest k) and, for few-shot, a summary per k."""
     ks = sorted({r.k for r in runs if r.k is not None})
     if not ks:
-        return {"metrics": summarize(runs, metric_names, primary)}
-    by_k = {str(k): summarize([r for r in runs if r.k == k], metric_names, primary) for k in ks}
+        return {"metrics": summarize(runs, metric_names, primary, resampling)}
+    by_k = {str(k): summarize([r for r in runs if r.k == k], metric_names, primary, resampling) for k in ks}
     return {"metrics": by_k[str(ks[-1])], "metrics_by_k": by_k, "headline_k": ks[-1]}
 
 
@@ -304,6 +306,7 @@ def _run_kind(adapter: Adapter, task: TaskData, protocol_name: str, path: Path, 
         "preprocess": preprocess,
         "primary_metric": spec.primary_metric,
         "metrics": output.metrics,
+        **({"resampling": output.resampling} if output.resampling else {}),
         "data": _kind_data_summary(task, output, sorted({b for f in used.values() for b in f.bad_ids})),
         "runs": output.runs,
         "environment": environment(device),

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import accuracy_score
 
+from retbench import resampling as rs
 from retbench import stats
 from retbench.cli import main
 from retbench.errors import RetbenchError
@@ -34,8 +35,10 @@ def _labels(task: str) -> np.ndarray:
 
 
 def make_store(root: Path, protocol: str, seeds: range, ks: tuple[int | None, ...] = (None,),
-               models: dict[str, float] = QUALITY, tasks: tuple[str, ...] = tuple(TASKS), version: str = "1") -> None:
-    """Write one result per (model, task) with runs per (k, seed) and their test predictions."""
+               models: dict[str, float] = QUALITY, tasks: tuple[str, ...] = tuple(TASKS), version: str = "1",
+               folds: bool = False) -> None:
+    """Write one result per (model, task) with runs per (k, seed) and their test predictions
+    (``folds``: each seed scores its own test images, as cross-validation folds do)."""
     for task in tasks:
         y = _labels(task)
         for model, quality in models.items():
@@ -45,9 +48,9 @@ def make_store(root: Path, protocol: str, seeds: range, ks: tuple[int | None, ..
                     rng = np.random.default_rng([seed, k or 0, zlib.crc32(model.encode()), zlib.crc32(task.encode())])
                     strength = quality * (1.0 if k is None else 0.4 + 0.3 * np.log2(k))
                     proba = np.round(_softmax(strength * np.eye(TASKS[task])[y] + rng.normal(0, 1, (len(y), TASKS[task]))), 6)
+                    index = 3 * np.arange(len(y)) + 1 + (1000 * seed if folds else 0)
                     runs.append({"seed": seed, "k": k, "metrics": {"accuracy": accuracy_score(y, proba.argmax(1))},
-                                 "predictions": {"index": (3 * np.arange(len(y)) + 1).tolist(), "y_true": y.tolist(),
-                                                 "proba": proba.tolist()}})
+                                 "predictions": {"index": index.tolist(), "y_true": y.tolist(), "proba": proba.tolist()}})
             result = {
                 "schema": 1, "model": {"name": model}, "primary_metric": "accuracy",
                 "task": {"name": task, "version": version, "spec_hash": f"spec{version}",
@@ -107,12 +110,13 @@ def test_files_marks_and_footnotes(boards: Path) -> None:
     assert good_row.count("**") >= 2 and "(+" in good_row  # best in bold, positive deltas
     assert "<u>" in next(line for line in md.splitlines() if line.startswith("| `base.v1`"))
     assert "Holm-adjusted over the 2 models" in md
-    assert "n = 5 pairs (with 5 pairs the smallest attainable p is 0.0625" in md
-    assert "n = 15 (task, seed) pairs" in md
+    assert "Per task: paired bootstrap of the difference, both models scored on the same resampled test images" in md
+    assert "over the task means, n = 3 tasks" in md and "smallest attainable two-sided p is 0.25" in md
+    assert "share one test set and are not replicates of it" in md  # what the runs of linear_probe are
     assert "task versions: alpha v1, beta v1, gamma v1" in md
     assert "![linear_probe: per-task bars with 95% CIs](figures/linear_probe-bars.png)" in md
     few = (boards / "few_shot.md").read_text()
-    assert "accuracy, k=4" in few and "figures/few_shot-curves.png" in few and "n = 10 pairs." in few
+    assert "accuracy, k=4" in few and "figures/few_shot-curves.png" in few and "real replicates of support-set sampling" in few
     html = (boards / "linear_probe.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<u>" in html and "<img src='figures/linear_probe-roc.png'" in html
 
@@ -125,63 +129,84 @@ def test_regenerating_is_byte_identical(store: Path, boards: Path, tmp_path: Pat
     assert [k for k, data in second.items() if (boards / k).read_bytes() != data] == []
 
 
-def test_cells_and_tests_against_scipy(store: Path, boards: Path) -> None:
+def _preds(store: Path, protocol: str, model: str, task: str, k: int | None = None) -> list[rs.RunPredictions]:
+    import json
+
+    data = json.loads(result_path(store, model, task, protocol).read_text())
+    return [rs.predictions_of(r) for r in data["runs"] if r["k"] == k]
+
+
+def test_cells_and_tests_against_references(store: Path, boards: Path) -> None:
+    """Cells: the image × run bootstrap (checked against brute force in test_resampling) of the stored
+    predictions; per task the paired bootstrap; the mean column: scipy's Wilcoxon over task means."""
     rows = _csv(boards / "linear_probe.csv")
-    pairs: dict[str, list[float]] = {m: [] for m in QUALITY}
+    metric = METRICS.get("accuracy")
     task_means: dict[str, list[float]] = {m: [] for m in QUALITY}
+    dists: dict[str, list[np.ndarray]] = {m: [] for m in QUALITY}
     for task in TASKS:
         for model in QUALITY:
             acc = _accuracies(store, "linear_probe", model, task)
-            values = np.array([acc[s] for s in sorted(acc)])
+            iv = rs.bootstrap(metric, _preds(store, "linear_probe", model, task), None, seed=rs.task_seed(task))
             row = rows[(model, task)]
-            low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
-            assert float(row["mean"]) == pytest.approx(values.mean())
-            assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((low, high))
-            pairs[model] += values.tolist()
-            task_means[model].append(values.mean())
-        # Per task: Wilcoxon over the 5 seeds against the baseline.
-        base = _accuracies(store, "linear_probe", "base.v1", task)
+            assert float(row["mean"]) == pytest.approx(np.mean(list(acc.values())))
+            assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((iv.low, iv.high))
+            assert row["ci_method"] == "bootstrap" and float(row["ci_low"]) < float(row["mean"]) < float(row["ci_high"])
+            task_means[model].append(np.mean(list(acc.values())))
+            dists[model].append(iv.distribution)
         for model in ("good.v1", "weak.v1"):
-            acc = _accuracies(store, "linear_probe", model, task)
-            ref = sps.wilcoxon([acc[s] for s in range(5)], [base[s] for s in range(5)])
-            assert float(rows[(model, task)]["p_value"]) == pytest.approx(float(ref.pvalue))
-            assert rows[(model, task)]["test"] == "wilcoxon" and rows[(model, task)]["n_pairs"] == "5"
-    # Mean column: Wilcoxon over the 15 (task, seed) pairs, Holm over the two models compared.
-    p = {m: float(sps.wilcoxon(np.array(pairs[m]) - np.array(pairs["base.v1"])).pvalue) for m in ("good.v1", "weak.v1")}
-    holm = {m: min(1.0, max(2 * min(p.values()), p[m] if p[m] == max(p.values()) else 0)) for m in p}
+            ref = rs.paired_bootstrap(metric, _preds(store, "linear_probe", model, task),
+                                      _preds(store, "linear_probe", "base.v1", task), None, seed=rs.task_seed(task))
+            assert float(rows[(model, task)]["p_value"]) == pytest.approx(ref.p_value)
+            assert rows[(model, task)]["test"] == "bootstrap" and rows[(model, task)]["n_pairs"] == str(len(_labels(task)))
+    # Mean column: Wilcoxon over the 3 task means (n = tasks), Holm over the two models compared.
+    p = {m: float(sps.wilcoxon(np.array(task_means[m]) - np.array(task_means["base.v1"])).pvalue)
+         for m in ("good.v1", "weak.v1")}
     for model in p:
         row = rows[(model, MEAN)]
         assert float(row["mean"]) == pytest.approx(np.mean(task_means[model]))
         assert float(row["delta"]) == pytest.approx(np.mean(task_means[model]) - np.mean(task_means["base.v1"]))
-        assert float(row["p_value"]) == pytest.approx(p[model])
-        assert float(row["p_adjusted"]) == pytest.approx(holm[model])
-        assert row["stars"] == ("**" if holm[model] < 0.001 else "*" if holm[model] < 0.01 else "")
-    assert rows[("good.v1", MEAN)]["stars"] in ("*", "**")
-    # The mean's CI combines the per-task standard errors.
-    se = np.sqrt(sum(float(rows[("good.v1", t)]["se"]) ** 2 for t in TASKS)) / len(TASKS)
-    assert float(rows[("good.v1", MEAN)]["ci_high"]) - float(rows[("good.v1", MEAN)]["mean"]) == pytest.approx(1.959964 * se)
+        assert float(row["p_value"]) == pytest.approx(p[model]) and row["n_pairs"] == "3"
+        assert row["stars"] == ""  # 3 tasks cannot reach p < 0.01
+    # The mean's CI: percentiles of the mean of the tasks' replicates.
+    mean_dist = np.mean(np.stack(dists["good.v1"]), axis=0)
+    assert (float(rows[("good.v1", MEAN)]["ci_low"]), float(rows[("good.v1", MEAN)]["ci_high"])) == pytest.approx(
+        tuple(np.percentile(mean_dist, [2.5, 97.5])))
 
 
-def test_paired_table_by_task_and_by_seed(store: Path) -> None:
+def test_one_task_mean_ci_equals_the_task_ci(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    make_store(root, "linear_probe", range(5), tasks=("alpha",))
+    board = build_board("linear_probe", load_store(root)["linear_probe"], baselines=["base.v1"])
+    for model in QUALITY:
+        task, mean = board.cell(model, "alpha"), board.cell(model, MEAN)
+        assert (mean.mean, mean.low, mean.high) == pytest.approx((task.mean, task.low, task.high))
+
+
+def test_paired_table_by_task_only_when_runs_share_a_test_set(store: Path, tmp_path: Path) -> None:
     board = build_board("linear_probe", load_store(store)["linear_probe"], baselines=["base.v1"])
     by = {(r.model, r.unit): r for r in board.paired}
-    assert set(by) == {("good.v1", "task"), ("weak.v1", "task"), ("good.v1", "task × seed"), ("weak.v1", "task × seed")}
+    assert set(by) == {("good.v1", "task"), ("weak.v1", "task")}  # no task × seed: the seeds share the test set
     good = [np.mean(list(_accuracies(store, "linear_probe", "good.v1", t).values())) for t in TASKS]
     base = [np.mean(list(_accuracies(store, "linear_probe", "base.v1", t).values())) for t in TASKS]
     row = by[("good.v1", "task")].result
     assert row.p_value == pytest.approx(float(sps.wilcoxon(good, base).pvalue))
     assert row.n == 3 and row.wins == 3 and row.effect_size == 1.0
-    assert by[("good.v1", "task × seed")].result.n == 15
+    # Folds with their own test sets are replicates of test sampling: then task × fold pairs appear.
+    root = tmp_path / "folds"
+    make_store(root, "linear_probe.flair", range(5), folds=True)
+    board = build_board("linear_probe.flair", load_store(root)["linear_probe.flair"], baselines=["base.v1"])
+    by = {(r.model, r.unit): r for r in board.paired}
+    assert by[("good.v1", "task × fold")].result.n == 15
 
 
 def test_few_shot_uses_the_headline_k(store: Path, boards: Path) -> None:
     rows = _csv(boards / "few_shot.csv")
     acc = _accuracies(store, "few_shot", "good.v1", "beta", k=4)
-    base = _accuracies(store, "few_shot", "base.v1", "beta", k=4)
     assert rows[("good.v1", "beta")]["k"] == "4"
     assert float(rows[("good.v1", "beta")]["mean"]) == pytest.approx(np.mean(list(acc.values())))
-    ref = sps.wilcoxon([acc[s] for s in range(10)], [base[s] for s in range(10)])
-    assert float(rows[("good.v1", "beta")]["p_value"]) == pytest.approx(float(ref.pvalue))
+    ref = rs.paired_bootstrap(METRICS.get("accuracy"), _preds(store, "few_shot", "good.v1", "beta", 4),
+                              _preds(store, "few_shot", "base.v1", "beta", 4), None, seed=rs.task_seed("beta"))
+    assert float(rows[("good.v1", "beta")]["p_value"]) == pytest.approx(ref.p_value)
 
 
 @pytest.fixture
@@ -197,7 +222,7 @@ def fast_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(METRICS._items, "np_error", Metric("np_error", np_error, False, "test"))
 
 
-def test_single_runs_bootstrap_and_delong(tmp_path: Path, fast_metrics: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_runs_bootstrap_and_delong(tmp_path: Path, fast_metrics: None) -> None:
     root = tmp_path / "results"
     make_store(root, "zero_shot", range(1), models={"base.v1": 1.0, "good.v1": 1.6}, tasks=("alpha", "beta"))
     results = load_store(root)["zero_shot"]
@@ -205,15 +230,14 @@ def test_single_runs_bootstrap_and_delong(tmp_path: Path, fast_metrics: None, mo
     metric = METRICS.get("np_accuracy")
     y = _labels("alpha")
     pa = np.array(results[("good.v1", "alpha")]["runs"][0]["predictions"]["proba"])
-    pb = np.array(results[("base.v1", "alpha")]["runs"][0]["predictions"]["proba"])
-    ci = stats.bootstrap_ci(metric, y, pa, n_resamples=1000, seed=0)
+    ref = sps.bootstrap((np.arange(len(y)),), lambda i: metric(y[i], pa[i]), n_resamples=1000, vectorized=False,
+                        method="percentile", rng=np.random.default_rng(rs.task_seed("alpha")))
     cell = board.cell("good.v1", "alpha")
-    assert (cell.low, cell.high, cell.se, cell.ci_method) == (ci.low, ci.high, ci.se, "bootstrap")
+    assert (cell.low, cell.high, cell.ci_method) == pytest.approx(
+        (ref.confidence_interval.low, ref.confidence_interval.high, "bootstrap"))
     comp = board.comparisons[("good.v1", "alpha")]
     assert comp.test == "bootstrap" and comp.n == len(y)
-    assert comp.p_value == stats.paired_bootstrap(metric, y, pa, pb, n_resamples=1000, seed=0).p_value
-    # Binary AUROC of single runs: DeLong's test (the cells fall back to the stored interval here).
-    monkeypatch.setattr(stats, "bootstrap_ci", lambda *a, **k: (_ for _ in ()).throw(ValueError("skip")))
+    # Binary AUROC of single runs: DeLong's test.
     beta = {key: r for key, r in results.items() if key[1] == "beta"}
     board = build_board("zero_shot", beta, metric="auroc", baselines=["base.v1"])
     yb = _labels("beta")
@@ -222,7 +246,6 @@ def test_single_runs_bootstrap_and_delong(tmp_path: Path, fast_metrics: None, mo
     comp = board.comparisons[("good.v1", "beta")]
     assert comp.test == "delong"
     assert comp.p_value == pytest.approx(stats.delong_test(yb, pa[:, 1], pb[:, 1]).p_value)
-    assert board.cell("good.v1", "beta").ci_method == "none"  # no interval stored for auroc either
 
 
 def test_lower_is_better_metric(store: Path, fast_metrics: None) -> None:

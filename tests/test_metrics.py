@@ -67,6 +67,8 @@ REFERENCES = {
     "f1_weighted": lambda y, p, pred: skm.f1_score(y, pred, average="weighted"),
     "auroc": lambda y, p, pred: _auroc(y, p),
     "aupr": lambda y, p, pred: _aupr(y, p),
+    # RETFound engine_finetune.py: average_precision_score(one-hot targets, softmax, average="macro")
+    "aupr_retfound": lambda y, p, pred: skm.average_precision_score(_onehot(y, p), p, average="macro"),
     "kappa_quadratic": lambda y, p, pred: skm.cohen_kappa_score(y, pred, weights="quadratic"),
     "kappa_unweighted": lambda y, p, pred: skm.cohen_kappa_score(y, pred),
     "mcc": lambda y, p, pred: skm.matthews_corrcoef(y, pred),

@@ -170,9 +170,9 @@ def test_per_question_metrics_and_their_mean_by_hand() -> None:
     assert flat == pytest.approx({"accuracy": (0.75 + 2 / 3) / 2, "balanced_accuracy": (5 / 6 + 2 / 3) / 2,
                                   "A/accuracy": 0.75, "A/balanced_accuracy": 5 / 6,
                                   "B/accuracy": 2 / 3, "B/balanced_accuracy": 2 / 3})
-    summary = summarize_flat([{"accuracy": 0.5}, {"accuracy": 0.7}], None, (), "")
-    assert summary["accuracy"]["mean"] == pytest.approx(0.6) and summary["accuracy"]["ci_method"] == "t over seeds"
-    assert summary["accuracy"]["ci95"][0] < 0.5 and summary["accuracy"]["ci95"][1] > 0.7
+    summary = summarize_flat([{"accuracy": 0.5}, {"accuracy": 0.7}], None, ())
+    assert summary["accuracy"]["mean"] == pytest.approx(0.6) and summary["accuracy"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert "ci95" not in summary["accuracy"]  # two runs on one test set are no interval of the test sampling
 
 
 # ------------------------------------------------------------------ protocols end to end (synthetic)
@@ -196,7 +196,17 @@ def test_probe_answers_colour_questions_from_image_features(tmp_path: Path) -> N
     assert res.data["task"]["kind"] == "vqa" and [r["seed"] for r in res.data["runs"]] == [0, 1]
     _check_records(res, ("colour", "red", "brightness"))
     assert res.metrics["colour/accuracy"]["mean"] == 1.0 and res.metrics["red/balanced_accuracy"]["mean"] == 1.0
-    assert res.metrics["balanced_accuracy"]["ci_method"] == "t over seeds"
+    assert res.metrics["balanced_accuracy"]["ci_method"].startswith("percentile bootstrap over")
+    assert "× 2 runs" in res.metrics["balanced_accuracy"]["ci_method"]
+    # The interval resamples what the point estimate used: the stored per-question predictions of both runs.
+    from retbench import resampling as rs
+    from retbench.leaderboard.board import resampling_of
+
+    runs = [rs.predictions_of(r) for r in res.data["runs"]]
+    cluster_of, unit, seed = resampling_of(res.data)
+    iv = rs.bootstrap(METRICS.get("balanced_accuracy"), runs, cluster_of, unit, seed=seed)
+    assert res.metrics["balanced_accuracy"]["ci95"] == pytest.approx([iv.low, iv.high])
+    assert iv.estimate == pytest.approx(res.metrics["balanced_accuracy"]["mean"])
     data = load_questions(parse_spec(path), tmp_path / "data")
     test = set(make_splits(parse_spec(path), data.examples)["test"].tolist())
     for run in res.data["runs"]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from retbench import resampling as rs
 from retbench import stats
 from retbench.errors import RetbenchError
 from retbench.metrics import METRICS, metric_for
@@ -23,7 +24,7 @@ MEAN = "mean"
 PRIMARY_PROTOCOL = "linear_probe"
 """Confusion matrices are drawn for this protocol (else for the first protocol written)."""
 
-DEFAULT_RESAMPLES = stats.MIN_RESAMPLES
+DEFAULT_RESAMPLES = rs.RESAMPLES
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Cell:
     n_runs: int
     ci_method: str
     values: dict[tuple[int, int], float] = field(default_factory=dict)
+    interval: rs.Interval | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Comparison:
     n: int = 0
     p_value: float = float("nan")
     p_adjusted: float = float("nan")
+    unit: str = ""
 
 
 @dataclass
@@ -182,36 +185,59 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float]:
     return mean - half, mean + half, se
 
 
+def resampling_of(result: dict[str, Any]) -> tuple[dict[int, int] | None, str, int]:
+    """A result's resampling units (test image → patient code), their name and the task's bootstrap seed.
+
+    Results stored before units were recorded resample images.
+    """
+    stored = result.get("resampling") or {}
+    seed = int(stored.get("seed", rs.task_seed(str(result["task"]["name"]))))
+    if stored.get("unit") == "patient":
+        return dict(zip(stored["index"], stored["cluster"])), "patient", seed
+    return None, "image", seed
+
+
+def class_predictions(result: dict[str, Any], runs: list[dict[str, Any]],
+                      metric: str = "") -> list[rs.RunPredictions] | None:
+    """The runs' per-image class predictions (VQA: per question type, for a headline metric), or None
+    (retrieval results, a single VQA question's metric, or predictions not stored)."""
+    kind = result["task"].get("kind", "classification")
+    if kind == "retrieval" or (kind == "vqa" and "/" in metric):
+        return None
+    preds = [rs.predictions_of(r) for r in runs]
+    return None if not preds or any(p is None for p in preds) else preds  # type: ignore[return-value]
+
+
 def make_cell(result: dict[str, Any], metric: str, runs: list[dict[str, Any]], resamples: int) -> Cell:
-    """Mean and 95% CI of ``metric`` over ``runs`` of one result."""
+    """Mean and 95% CI of ``metric`` over ``runs`` of one result.
+
+    From stored class predictions: the bootstrap over test patients × runs of
+    :mod:`retbench.resampling`, point and interval from the same predictions. Without them
+    (retrieval, VQA): the interval stored with the result.
+    """
     values = {(int(r["seed"]), int(r.get("k") or 0)): run_value(r, metric) for r in runs}
     finite = np.array([v for v in values.values() if np.isfinite(v)], dtype=float)
     model, task, k = result["model"]["name"], result["task"]["name"], result.get("headline_k")
     if finite.size == 0:
         return Cell(model, task, metric, k, float("nan"), None, None, None, 0, "no value", values)
+    preds = class_predictions(result, runs, metric)
+    if preds is not None:
+        cluster_of, unit, seed = resampling_of(result)
+        iv = rs.bootstrap(metric_for(metric), preds, cluster_of, unit, n_resamples=resamples, seed=seed)
+        if np.isfinite(iv.low) and np.isfinite(iv.high):
+            return Cell(model, task, metric, k, iv.estimate, iv.low, iv.high, iv.se, len(preds), "bootstrap", values, iv)
     mean = float(np.mean(finite))
-    if finite.size >= 2:
-        low, high, se = t_interval(finite)
-        return Cell(model, task, metric, k, mean, low, high, se, int(finite.size), "t", values)
-    pred = run_predictions(runs[0]) if len(runs) == 1 else None
-    if pred is not None:
-        _, y, proba = pred
-        try:
-            boot = stats.bootstrap_ci(METRICS.get(metric), y, proba, n_resamples=resamples, seed=0)
-            return Cell(model, task, metric, k, mean, boot.low, boot.high, boot.se, 1, "bootstrap", values)
-        except ValueError:
-            pass
     stored = result.get("metrics", {}).get(metric, {}).get("ci95")
     low, high = (stored if stored else (None, None))
-    return Cell(model, task, metric, k, mean, low, high, None, 1, "stored" if stored else "none", values)
+    return Cell(model, task, metric, k, mean, low, high, None, int(finite.size), "stored" if stored else "none", values)
 
 
 def _mean_cell(model: str, cells: list[Cell]) -> Cell:
     mean = float(np.mean([c.mean for c in cells]))
-    if all(c.se is not None for c in cells):
-        se = math.sqrt(sum(c.se ** 2 for c in cells)) / len(cells)  # type: ignore[operator]
-        half = float(sps.norm.ppf(0.975)) * se
-        return Cell(model, MEAN, "", None, mean, mean - half, mean + half, se, len(cells), "combined")
+    intervals = [c.interval for c in cells]
+    if all(i is not None for i in intervals):
+        _, low, high, se = rs.mean_of_intervals(intervals)  # type: ignore[arg-type]
+        return Cell(model, MEAN, "", None, mean, low, high, se, len(cells), "bootstrap")
     return Cell(model, MEAN, "", None, mean, None, None, None, len(cells), "none")
 
 
@@ -294,38 +320,59 @@ def _pairs(board: Board, a: str, b: str, tasks: Sequence[str]) -> tuple[list[flo
     return xs, ys, hs
 
 
-def _single_run_test(board: Board, model: str, ref: str, task: str) -> tuple[str, int, float]:
-    ra, rb = headline_runs(board.results[(model, task)]), headline_runs(board.results[(ref, task)])
-    if len(ra) != 1 or len(rb) != 1:
-        return "", 0, float("nan")
-    pa, pb = run_predictions(ra[0]), run_predictions(rb[0])
-    if pa is None or pb is None or not np.array_equal(pa[0], pb[0]) or not np.array_equal(pa[1], pb[1]):
-        return "", 0, float("nan")
+def _task_means(board: Board, a: str, b: str) -> tuple[list[float], list[float], list[bool]]:
+    shared = [t for t in board.tasks if board.cell(a, t) and board.cell(b, t)]
+    return ([board.cells[(a, t)].mean for t in shared], [board.cells[(b, t)].mean for t in shared],
+            [board.higher[t] for t in shared])
+
+
+def runs_resample_test(board: Board, task: str) -> bool:
+    """Whether the runs of ``task`` score different test images (folds), i.e. are replicates of test sampling."""
+    for (_, t), result in board.results.items():
+        if t != task:
+            continue
+        indices = {tuple(r["predictions"]["index"]) for r in headline_runs(result) if r.get("predictions")}
+        if len(indices) < 2:
+            return False
+    return True
+
+
+def _task_test(board: Board, model: str, ref: str, task: str) -> tuple[str, int, float, str]:
+    """Paired test of two models on one task: (test, n, p, unit)."""
+    ra, rb = board.results[(model, task)], board.results[(ref, task)]
     metric = board.metric_of[task]
-    y = pa[1]
-    if metric == "auroc" and pa[2].shape[1] == 2:
+    pa, pb = class_predictions(ra, headline_runs(ra), metric), class_predictions(rb, headline_runs(rb), metric)
+    if pa is not None and pb is not None:
+        cluster_of, unit, seed = resampling_of(ra)
+        if metric == "auroc" and len(pa) == 1 and len(pb) == 1 and not pa[0].parts and pa[0].proba.shape[1] == 2:
+            try:
+                y = pa[0].y
+                return "delong", len(y), stats.delong_test(y, pa[0].proba[:, 1], pb[0].proba[:, 1]).p_value, "image"
+            except ValueError:
+                pass
         try:
-            return "delong", len(y), stats.delong_test(y, pa[2][:, 1], pb[2][:, 1]).p_value
+            boot = rs.paired_bootstrap(metric_for(metric), pa, pb, cluster_of, unit, n_resamples=board.resamples,
+                                       seed=seed)
         except ValueError:
-            return "", 0, float("nan")
-    try:
-        boot = stats.paired_bootstrap(METRICS.get(metric), y, pa[2], pb[2], n_resamples=board.resamples, seed=0)
-    except ValueError:
-        return "", 0, float("nan")
-    return "bootstrap", len(y), float(boot.p_value) if boot.p_value is not None else float("nan")
+            return "", 0, float("nan"), ""
+        return "bootstrap", boot.n_clusters, float(boot.p_value), unit  # type: ignore[arg-type]
+    xs, ys, hs = _pairs(board, model, ref, [task])  # retrieval / VQA: stored runs only
+    if len(xs) >= 2:
+        return "wilcoxon", len(xs), stats.wilcoxon_test(xs, ys, hs).p_value, "run"
+    return "", 0, float("nan"), ""
 
 
 def _compare(board: Board, model: str, ref: str, column: str) -> Comparison:
     a, b = board.cell(model, column), board.cell(ref, column)
     assert a is not None and b is not None
     comp = Comparison(model, ref, column, a.mean - b.mean)
-    tasks = board.tasks if column == MEAN else [column]
-    xs, ys, hs = _pairs(board, model, ref, tasks)
-    if len(xs) >= 2:
-        w = stats.wilcoxon_test(xs, ys, hs)
-        comp.test, comp.n, comp.p_value = "wilcoxon", w.n, w.p_value
-    elif column != MEAN:
-        comp.test, comp.n, comp.p_value = _single_run_test(board, model, ref, column)
+    if column == MEAN:
+        xs, ys, hs = _task_means(board, model, ref)
+        if len(xs) >= 2:
+            w = stats.wilcoxon_test(xs, ys, hs)
+            comp.test, comp.n, comp.p_value, comp.unit = "wilcoxon", w.n, w.p_value, "task"
+        return comp
+    comp.test, comp.n, comp.p_value, comp.unit = _task_test(board, model, ref, column)
     return comp
 
 
@@ -342,23 +389,21 @@ def _compare_with_references(board: Board) -> None:
             board.comparisons[(comp.model, column)] = comp
 
 
-UNITS = (("task", "tasks (task means)"), ("task × seed", "task × seed (runs)"))
+UNITS = (("task", "tasks (task means)"), ("task × fold", "task × fold (runs with their own test sets)"))
 
 
 def _paired_tables(board: Board) -> None:
+    folds = bool(board.tasks) and all(runs_resample_test(board, t) for t in board.tasks)
     for baseline in board.baselines:
         for unit, _ in UNITS:
+            if unit == "task × fold" and not folds:
+                continue  # runs on one test set share its sampling error: not independent pairs
             group = []
             for model in board.models:
                 if model in board.baselines:
                     continue
-                if unit == "task":
-                    shared = [t for t in board.tasks if board.cell(model, t) and board.cell(baseline, t)]
-                    xs = [board.cells[(model, t)].mean for t in shared]
-                    ys = [board.cells[(baseline, t)].mean for t in shared]
-                    hs = [board.higher[t] for t in shared]
-                else:
-                    xs, ys, hs = _pairs(board, model, baseline, board.tasks)
+                xs, ys, hs = _task_means(board, model, baseline) if unit == "task" else _pairs(
+                    board, model, baseline, board.tasks)
                 if len(xs) >= 2:
                     group.append(PairedRow(model, baseline, unit, stats.wilcoxon_test(xs, ys, hs)))
             for row, adj in zip(group, stats.adjust_pvalues([r.result.p_value for r in group], board.correction)):

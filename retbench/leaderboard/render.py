@@ -99,7 +99,7 @@ def _runs_phrase(board: Board) -> str:
     per_task = {t: max(c.n_runs for (m, tt), c in board.cells.items() if tt == t) for t in board.tasks}
     counts = sorted(per_task.values())
     usual = max(set(counts), key=lambda n: (counts.count(n), n))
-    text = f"{usual} runs (seeds) per cell" if usual != 1 else "1 run per cell"
+    text = f"{usual} runs per cell" if usual != 1 else "1 run per cell"
     others = sorted({n for n in counts if n != usual})
     for n in others:
         text += f"; {n} for " + ", ".join(t for t in board.tasks if per_task[t] == n)
@@ -109,27 +109,53 @@ def _runs_phrase(board: Board) -> str:
     return text
 
 
+RUNS_MEANING = {
+    "linear_probe": "its runs (seeds) differ only in the validation carve that picks C, so they share one test set "
+                    "and are not replicates of it",
+    "linear_probe.retfound": "its runs (seeds) differ only in the validation carve that picks C, so they share one "
+                             "test set and are not replicates of it",
+    "few_shot": "its runs (seeds) draw different support sets and are real replicates of support-set sampling, all "
+                "scored on one test set",
+    "zero_shot": "nothing is fitted: one run",
+}
+
+
+def _units_phrase(board: Board) -> str:
+    units = sorted({c.interval.unit for c in board.cells.values() if c.interval is not None})
+    by_unit = {u: sorted({t for (m, t), c in board.cells.items() if c.interval is not None and c.interval.unit == u})
+               for u in units}
+    parts = []
+    if "patient" in by_unit:
+        parts.append(f"patients ({', '.join(by_unit['patient'])}: both eyes and every image of a person move together)")
+    if "image" in by_unit:
+        parts.append(f"images where no patient id exists ({', '.join(by_unit['image'])})")
+    return " and ".join(parts)
+
+
 def _ci_phrase(board: Board) -> str:
     methods = {c.ci_method for (m, t), c in board.cells.items() if t != MEAN}
     parts = []
-    if "t" in methods:
-        parts.append("t over seeds")
     if "bootstrap" in methods:
-        single = sorted({t for (m, t), c in board.cells.items() if c.ci_method == "bootstrap"})
-        parts.append(f"for single runs ({', '.join(single)}) a percentile bootstrap over test images stratified by class "
-                     f"({board.resamples} resamples, seed 0)")
+        runs = RUNS_MEANING.get(board.protocol, "its runs are resampled with the test units")
+        parts.append(f"percentile bootstrap ({board.resamples} resamples, a fixed seed per task) over test "
+                     f"{_units_phrase(board)}, each replicate also resampling the runs with replacement and averaging "
+                     f"them ({board.protocol}: {runs}); point and interval come from the same stored predictions")
     if "stored" in methods:
-        parts.append("for single runs without stored class predictions (retrieval, VQA), the interval stored with the "
+        parts.append("for results without stored class predictions (retrieval, VQA), the interval stored with the "
                      "result (its `ci_method` says how it was computed)")
     return "; ".join(parts) or "none"
 
 
 def footnotes(board: Board) -> list[str]:
     """The paragraphs under the table: what the cells are, the marks, the test, correction and n."""
+    mean_ci = ("its CI is the percentile interval of the mean of the tasks' bootstrap replicates (tasks resampled "
+               "independently; with one task it is that task's interval)"
+               if any(c.ci_method == "bootstrap" for (m, t), c in board.cells.items() if t == MEAN)
+               else "no CI (some task has no bootstrap replicates)")
     notes = [
         f"Each cell: mean of {_metric_phrase(board)} over the runs ({_runs_phrase(board)}); 95% CI in brackets: "
         f"{_ci_phrase(board)}. Mean column: unweighted mean over the {len(board.tasks)} tasks, for models with every "
-        "task; its CI combines the per-task standard errors (tasks independent, normal approximation)."
+        f"task; {mean_ci}."
     ]
     directions = {board.higher[t] for t in board.tasks}
     direction = ("higher is better for every metric shown" if directions == {True} else
@@ -158,9 +184,9 @@ def _significance_note(board: Board) -> str:
                f"{'have' if len(missing) > 1 else 'has'} no results under `{board.protocol}`" if missing
                else "no baseline was given (`retbench leaderboard --baseline MODEL`)")
         return (f"Significance: {why}, so no deltas, underlines or stars. With a baseline, each model is compared with "
-                "the best baseline of each column by a two-sided Wilcoxon signed-rank test over runs paired by seed "
-                "(by task × seed for the mean; for single runs, a paired bootstrap over test images stratified by class, "
-                f"or DeLong's test for a binary AUROC), {corr}-corrected over the models compared.")
+                "the best baseline of each column: per task by a paired bootstrap of the difference over the same "
+                "resampled test patients and runs (DeLong's test for a binary AUROC of single runs); for the mean, by "
+                f"a Wilcoxon signed-rank test over the task means; {corr}-corrected over the models compared.")
     comps = list(board.comparisons.values())
     n_compared = {col: sum(1 for c in comps if c.column == col) for col in board.columns}
     sizes = sorted(set(n_compared.values()) - {0})
@@ -168,26 +194,28 @@ def _significance_note(board: Board) -> str:
             "<sup>\\*</sup> p < 0.01, <sup>\\*\\*</sup> p < 0.001, two-sided, "
             f"{corr}-adjusted over the {'/'.join(map(str, sizes)) or 0} model{'s' if sizes != [1] else ''} "
             "compared with the baseline in each column.")
-    task_w = [c.n for c in comps if c.test == "wilcoxon" and c.column != MEAN]
-    if task_w:
-        small = min(task_w)
-        text += (f" Per task: Wilcoxon signed-rank test (scipy) over runs paired by seed, {_n_phrase(task_w, 'pairs')}")
-        floor = stats.min_wilcoxon_p(small)
-        if floor >= 0.01:
-            text += f" (with {small} pairs the smallest attainable p is {floor:.4g}, so no per-task star is possible)"
-        text += "."
     boot = sorted({c.column for c in comps if c.test == "bootstrap"})
     if boot:
-        text += (f" Single-run tasks ({', '.join(boot)}): paired bootstrap of the difference over the same resampled "
-                 f"test images, stratified by class ({board.resamples} resamples, seed 0).")
+        units = sorted({c.unit for c in comps if c.test == "bootstrap"})
+        text += (" Per task: paired bootstrap of the difference, both models scored on the same resampled test "
+                 f"{' / '.join(u + 's' for u in units)} and the same resampled runs (paired by seed"
+                 f"{' and k' if any(k is not None for k in board.k_of.values()) else ''}; {board.resamples} resamples); "
+                 "p is twice the smaller share of replicates on either side of zero, so it cannot go below "
+                 f"{2 / board.resamples:.3g}.")
     delong = sorted({c.column for c in comps if c.test == "delong"})
     if delong:
         text += f" Binary AUROC of single runs ({', '.join(delong)}): DeLong's test for correlated ROC curves."
+    run_w = sorted({c.column for c in comps if c.test == "wilcoxon" and c.column != MEAN})
+    if run_w:
+        text += (f" Tasks without stored class predictions ({', '.join(run_w)}): Wilcoxon signed-rank test over runs "
+                 "paired by seed (runs on one test set: this ignores test-set sampling).")
     mean_w = [c.n for c in comps if c.test == "wilcoxon" and c.column == MEAN]
     if mean_w:
-        text += (" Mean column: Wilcoxon signed-rank test over values paired by (task, seed), "
-                 f"{_n_phrase(mean_w, '(task, seed) pairs')}.")
-    text += " Zero differences are dropped (Wilcoxon's convention); the pairing unit is the run (seed), not the image."
+        small = min(mean_w)
+        text += (" Mean column: Wilcoxon signed-rank test (scipy) over the task means, "
+                 f"{_n_phrase(mean_w, 'tasks')}: tasks are the independent units, the runs of one task are not; with "
+                 f"{small} tasks the smallest attainable two-sided p is {stats.min_wilcoxon_p(small):.4g}"
+                 + (", so no star is possible in this column" if stats.min_wilcoxon_p(small) >= 0.01 else "") + ".")
     return text
 
 
@@ -208,8 +236,10 @@ def _paired_markdown(board: Board) -> list[str]:
         "Two-sided Wilcoxon signed-rank tests (scipy) of each model against each baseline. Δ is oriented so that positive "
         "means the model is better; W is scipy's statistic (the smaller signed-rank sum); r is the matched-pairs "
         f"rank-biserial correlation (effect size, −1 … 1, positive: the model is better); p is {corr}-adjusted over the "
-        "models compared with the same baseline under the same pairing. Pairing by task uses the task means; by "
-        "task × seed, the runs with the same seed (and k).",
+        "models compared with the same baseline under the same pairing. The pairs are the task means: tasks are the "
+        "independent units (with n tasks the smallest two-sided p is 2/2ⁿ). Runs are paired across tasks (task × fold) "
+        "only where every run has its own test set (cross-validation folds); runs that share one test set share its "
+        "sampling error and are not independent pairs.",
         "",
         tabulate(rows, headers=header, tablefmt="github", disable_numparse=True),
         "",

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from retbench.data.examples import Examples
 from retbench.metrics import METRICS, compute_metrics
@@ -71,7 +70,7 @@ class Run:
             d["predictions"] = {
                 "index": self.indices.tolist(),
                 "y_true": self.y_true.tolist(),
-                "proba": np.round(self.proba, 6).tolist(),
+                "proba": np.asarray(self.proba, dtype=np.float64).tolist(),  # full precision: CIs resample these
             }
         return d
 
@@ -92,9 +91,45 @@ def evaluate_runs(metrics: tuple[str, ...], runs_raw: list[tuple], y: np.ndarray
     return out
 
 
-def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, bootstrap: int = 1000) -> dict[str, Any]:
-    """Mean, std and 95% CI per scalar metric (t over seeds; percentile bootstrap for one run)."""
+@dataclass(frozen=True)
+class Resampling:
+    """How a task's test images group into resampling units: ``cluster_of`` maps an example index to
+    its unit (patient), ``unit`` names it; ``seed`` is the task's fixed bootstrap seed."""
+
+    cluster_of: dict[int, Any] | None
+    unit: str
+    seed: int
+
+    @classmethod
+    def of(cls, spec: TaskSpec, examples: Examples) -> Resampling:
+        """Patients (the split groups) where the task splits by patient and ids exist, else images."""
+        from retbench.resampling import task_seed
+
+        patients = list(examples.patients)
+        if spec.splits.by_patient and len(set(patients)) < len(patients):
+            return cls(dict(enumerate(patients)), "patient", task_seed(spec.name))
+        return cls(None, "image", task_seed(spec.name))
+
+    def to_dict(self, index: Any) -> dict[str, Any]:
+        """The units of the test images ``index`` (every image the runs scored), coded in order of first appearance."""
+        index = sorted({int(i) for i in index})
+        codes: dict[Any, int] = {}
+        cluster = [codes.setdefault(self.cluster_of[i] if self.cluster_of else i, len(codes)) for i in index]
+        return {"unit": self.unit, "seed": self.seed, "n_units": len(codes), "index": index, "cluster": cluster}
+
+
+def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, resampling: Resampling) -> dict[str, Any]:
+    """Mean over runs, std between runs and a 95% CI per scalar metric.
+
+    The CI is the bootstrap over test units × runs of :mod:`retbench.resampling` (the leaderboard's
+    computation, so stored and published intervals agree); metrics without a vectorised weighted
+    form get it only when primary (resampling them by repeated indices is slow).
+    """
+    from retbench import resampling as rs
+
     summary: dict[str, Any] = {}
+    preds = [rs.RunPredictions((r.seed, r.k or 0), np.asarray(r.indices), np.asarray(r.y_true), np.asarray(r.proba))
+             for r in runs]
     for name in metrics:
         m = METRICS.get(name)
         values = [r.metrics[name] for r in runs]
@@ -104,27 +139,13 @@ def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, bootstrap
         arr = np.array(values, dtype=float)
         entry = {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0,
                  "n": int(len(arr)), "values": arr.tolist()}
-        if len(arr) > 1:
-            half = stats.t.ppf(0.975, len(arr) - 1) * entry["std"] / np.sqrt(len(arr))
-            entry["ci95"] = [entry["mean"] - half, entry["mean"] + half]
-            entry["ci_method"] = "t over seeds"
-        elif name == primary and bootstrap:
-            entry["ci95"] = bootstrap_ci(m, runs[0].y_true, runs[0].proba, bootstrap)
-            entry["ci_method"] = f"percentile bootstrap over test images, stratified by class ({bootstrap}, seed 0)"
+        if m.weighted is not None or name == primary:
+            interval = rs.bootstrap(m, preds, resampling.cluster_of, resampling.unit, seed=resampling.seed)
+            if np.isfinite(interval.low) and np.isfinite(interval.high):
+                entry["ci95"] = [interval.low, interval.high]
+                entry["ci_method"] = interval.describe()
         summary[name] = entry
     return summary
-
-
-def bootstrap_ci(metric: Any, y: np.ndarray, proba: np.ndarray, n: int, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap interval of ``metric`` over test images resampled within each class.
-
-    The same computation as the leaderboard's (:func:`retbench.stats.bootstrap_ci`), so stored and
-    published intervals agree.
-    """
-    from retbench import stats as rstats
-
-    res = rstats.bootstrap_ci(metric, y, proba, n_resamples=max(n, rstats.MIN_RESAMPLES), seed=seed)
-    return [float(res.low), float(res.high)]
 
 
 @dataclass

@@ -9,15 +9,13 @@ leaderboards read them unchanged.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-BOOTSTRAP_RESAMPLES = 1000
+from retbench.resampling import Interval
 
 
 @dataclass
@@ -29,6 +27,7 @@ class KindOutput:
     settings: dict[str, Any]
     n_test: int
     notes: dict[str, Any] = field(default_factory=dict)
+    resampling: dict[str, Any] = field(default_factory=dict)  # the test images' resampling units (Resampling.to_dict)
 
 
 def part_means(per_part: dict[str, dict[str, float]], names: tuple[str, ...]) -> dict[str, float]:
@@ -43,36 +42,21 @@ def part_means(per_part: dict[str, dict[str, float]], names: tuple[str, ...]) ->
     return out
 
 
-def summarize_flat(run_metrics: list[dict[str, float]], bootstrap: Callable[[str], tuple[float, float]] | None,
-                   bootstrap_names: tuple[str, ...], bootstrap_method: str) -> dict[str, dict[str, Any]]:
-    """Mean, std and 95% CI per stored name: t over seeds, or for one run ``bootstrap(name)`` on ``bootstrap_names``."""
+def summarize_flat(run_metrics: list[dict[str, float]], interval: Callable[[str], Interval] | None,
+                   names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Mean and std over runs per stored name, and for ``names`` the 95% CI ``interval(name)`` (the
+    bootstrap over test patients × runs of :mod:`retbench.resampling`; no CI from runs alone, which
+    share one test set)."""
     summary: dict[str, dict[str, Any]] = {}
     for name in run_metrics[0]:
         arr = np.array([m[name] for m in run_metrics], dtype=float)
         entry: dict[str, Any] = {"mean": float(np.nanmean(arr)) if not np.isnan(arr).all() else float("nan"),
                                  "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0,
                                  "n": int(len(arr)), "values": arr.tolist()}
-        if len(arr) > 1:
-            half = stats.t.ppf(0.975, len(arr) - 1) * entry["std"] / np.sqrt(len(arr))
-            entry["ci95"] = [entry["mean"] - half, entry["mean"] + half]
-            entry["ci_method"] = "t over seeds"
-        elif bootstrap is not None and name in bootstrap_names:
-            low, high = bootstrap(name)
-            if np.isfinite(low) and np.isfinite(high):
-                entry["ci95"] = [low, high]
-                entry["ci_method"] = bootstrap_method
+        if interval is not None and name in names:
+            iv = interval(name)
+            if np.isfinite(iv.low) and np.isfinite(iv.high):
+                entry["ci95"] = [iv.low, iv.high]
+                entry["ci_method"] = iv.describe()
         summary[name] = entry
     return summary
-
-
-def percentile_bootstrap(statistic: Callable[[np.ndarray], float], n: int, seed: int = 0,
-                         resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """95% percentile interval of ``statistic(indices)`` over ``n`` units resampled with replacement (unstratified)."""
-    from retbench import stats as rstats
-
-    if n < 2:
-        return float("nan"), float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, res = rstats.bootstrap_indices(statistic, np.zeros(n), n_resamples=resamples, seed=seed, stratified=False)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)

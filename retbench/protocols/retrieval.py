@@ -32,16 +32,11 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupKFold
 
+from retbench import resampling as rs
 from retbench.data.pairs import PairData
 from retbench.errors import DataError
 from retbench.metrics import rank_metric, rank_values, tie_counts
-from retbench.protocols.kind_output import (
-    BOOTSTRAP_RESAMPLES,
-    KindOutput,
-    part_means,
-    percentile_bootstrap,
-    summarize_flat,
-)
+from retbench.protocols.kind_output import KindOutput, part_means, summarize_flat
 from retbench.spec import DirectionSpec, TaskSpec
 
 TOP = 10  # gallery items stored per query (the top of its ranking)
@@ -145,6 +140,17 @@ def _split(ctx: RetrievalContext, name: str, valid: np.ndarray) -> np.ndarray:
     return idx
 
 
+def _units(ctx: RetrievalContext, test: np.ndarray) -> tuple[list[Any], str]:
+    """The resampling unit of each test pair: its patient where the task has patient ids, else the pair.
+
+    The gallery stays fixed; the queries of the drawn units are scored against it.
+    """
+    patients = [ctx.pairs.patients[i] for i in test]
+    if ctx.spec.splits.by_patient and len(set(ctx.pairs.patients)) < len(ctx.pairs.patients):
+        return patients, "patient"
+    return [int(i) for i in test], "pair"
+
+
 def _finish(ctx: RetrievalContext, results: dict[str, DirectionResult], test: np.ndarray, settings: dict[str, Any],
             extra: dict[str, Any], n_unreadable: int) -> KindOutput:
     """Metrics per direction and their means, the bootstrap CIs and the JSON-ready run."""
@@ -153,11 +159,13 @@ def _finish(ctx: RetrievalContext, results: dict[str, DirectionResult], test: np
     run_metrics = part_means(per_direction, names)
     values = {n: [r.values(n) for r in results.values()] for n in names}
 
-    def interval(name: str) -> tuple[float, float]:  # a headline metric: the mean over directions
-        return percentile_bootstrap(lambda i: float(np.mean([rank_metric(name, v[i]) for v in values[name]])), len(test))
+    units, unit = _units(ctx, test)
 
-    summary = summarize_flat([run_metrics], interval, tuple(names), "percentile bootstrap over test pairs (the "
-                             f"queries of every direction), gallery fixed ({BOOTSTRAP_RESAMPLES} resamples, seed 0)")
+    def interval(name: str) -> rs.Interval:  # a headline metric: the mean over directions; queries resampled
+        return rs.bootstrap_statistic(lambda i: float(np.mean([rank_metric(name, v[i]) for v in values[name]])), units,
+                                      unit, seed=rs.task_seed(ctx.spec.name))
+
+    summary = summarize_flat([run_metrics], interval, tuple(names))
     run = {"seed": 0, "k": None, "metrics": run_metrics, "directions": {d: r.to_dict() for d, r in results.items()},
            **extra}
     return KindOutput([run], summary, settings, int(len(test)), {"unreadable_pairs": n_unreadable})

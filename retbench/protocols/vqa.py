@@ -28,18 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from retbench import resampling as rs
 from retbench.data.examples import Examples
 from retbench.data.questions import QuestionData
 from retbench.errors import DataError
 from retbench.metrics import METRICS
-from retbench.protocols.base import Context, ProtocolOutput
-from retbench.protocols.kind_output import (
-    BOOTSTRAP_RESAMPLES,
-    KindOutput,
-    part_means,
-    percentile_bootstrap,
-    summarize_flat,
-)
+from retbench.protocols.base import Context, ProtocolOutput, Resampling
+from retbench.protocols.kind_output import KindOutput, part_means, summarize_flat
 from retbench.protocols.linear_probe import LINEAR_PROBE
 from retbench.protocols.zero_shot import ZERO_SHOT
 from retbench.spec import ClassSpec, TaskSpec
@@ -87,53 +82,33 @@ def question_task(ctx: VQAContext, q: int) -> tuple[Context, np.ndarray]:
     return sub, rows
 
 
-def combine(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]], bootstrap: bool) -> KindOutput:
-    """Per-seed runs with per-question and mean metrics; summaries (t over seeds, or a bootstrap for one run)."""
+def combine(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]]) -> KindOutput:
+    """Per-seed runs with per-question and mean metrics; summaries with the bootstrap over test patients × runs."""
     names = ctx.spec.metrics
     seeds = sorted({r.seed for out, _ in outputs.values() for r in out.runs})
-    runs, run_metrics = [], []
+    runs, run_metrics, predictions = [], [], []
     for seed in seeds:
-        per_q, records = {}, {}
+        per_q, records, parts = {}, {}, []
         for qname, (out, rows) in outputs.items():
             run = next(r for r in out.runs if r.seed == seed)
             per_q[qname] = {n: run.metrics[n] for n in names}
+            proba = np.asarray(run.proba, dtype=np.float64)
             records[qname] = {"index": rows[run.indices].tolist(), "y_true": run.y_true.tolist(),
-                              "proba": np.round(run.proba, 6).tolist(), **run.extra}
+                              "proba": proba.tolist(), **run.extra}
+            parts.append((qname, rs.RunPredictions((seed, 0), rows[run.indices], np.asarray(run.y_true), proba)))
         metrics = part_means(per_q, names)
         run_metrics.append(metrics)
         runs.append({"seed": seed, "k": None, "metrics": metrics, "questions": records})
+        predictions.append(rs.RunPredictions.of_parts((seed, 0), [p for _, p in sorted(parts, key=lambda qp: qp[0])]))
     test_images = sorted({i for out, rows in outputs.values() for r in out.runs for i in rows[r.indices].tolist()})
-    interval = _bootstrapper(ctx, outputs, np.asarray(test_images)) if bootstrap and len(runs) == 1 else None
-    method = f"percentile bootstrap over test images, unstratified ({BOOTSTRAP_RESAMPLES} resamples, seed 0)"
-    summary = summarize_flat(run_metrics, interval, (ctx.spec.primary_metric,), method)
-    return KindOutput(runs, summary, {}, len(test_images))
+    resampling = Resampling.of(ctx.spec, ctx.data.examples)
 
+    def interval(name: str) -> rs.Interval:  # a headline metric: the mean over question types
+        return rs.bootstrap(METRICS.get(name), predictions, resampling.cluster_of, resampling.unit,
+                            seed=resampling.seed)
 
-def _bootstrapper(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]],
-                  test_images: np.ndarray) -> Callable[[str], tuple[float, float]]:
-    """CI of a headline metric (mean over question types) over resampled test images."""
-    n_images = len(ctx.data.examples)
-    parts = []
-    for out, rows in outputs.values():
-        run = out.runs[0]
-        lookup = np.full(n_images, -1)
-        lookup[rows[run.indices]] = np.arange(len(run.indices))
-        parts.append((lookup, run.y_true, run.proba))
-
-    def interval(name: str) -> tuple[float, float]:
-        metric = METRICS.get(name)
-
-        def statistic(i: np.ndarray) -> float:
-            values = []
-            for lookup, y, proba in parts:
-                sel = lookup[test_images[i]]
-                sel = sel[sel >= 0]
-                values.append(float(metric(y[sel], proba[sel])) if len(sel) else float("nan"))
-            return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
-
-        return percentile_bootstrap(statistic, len(test_images))
-
-    return interval
+    summary = summarize_flat(run_metrics, interval, tuple(names))
+    return KindOutput(runs, summary, {}, len(test_images), resampling=resampling.to_dict(test_images))
 
 
 @dataclass(frozen=True)
@@ -153,7 +128,7 @@ class VQAZeroShot:
         for q, question in enumerate(ctx.spec.vqa.questions):
             sub, rows = question_task(ctx, q)
             outputs[question.name] = (ZERO_SHOT.run(sub), rows)
-        result = combine(ctx, outputs, bootstrap=True)
+        result = combine(ctx, outputs)
         result.settings = {
             "answer_template": ctx.spec.vqa.answer_template,
             "answer_texts": {q.name: ctx.spec.vqa.answer_texts(q) for q in ctx.spec.vqa.questions},
@@ -185,7 +160,7 @@ class VQAProbe:
             outputs[question.name] = (out, rows)
             settings = {k: v for k, v in out.settings.items() if k not in ("solver", "seeds")}
             solver[question.name] = out.settings.get("solver", {})
-        result = combine(ctx, outputs, bootstrap=False)
+        result = combine(ctx, outputs)
         result.settings = {"heads": "one multinomial logistic regression per question type (the question selects the "
                            "head)", "seeds": list(self.seeds), **settings, "solver": solver,
                            "selection_metric": ctx.spec.primary_metric}
