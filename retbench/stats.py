@@ -8,7 +8,8 @@ Everything here is a pure function of numbers or of stored results:
 - :func:`adjust_pvalues` — Holm's step-down (default) or Benjamini–Hochberg
   (``scipy.stats.false_discovery_control``) correction for one model compared with many;
 - :func:`bootstrap_ci` and :func:`paired_bootstrap` — percentile bootstrap over test images,
-  stratified by class, fixed seed (``scipy.stats.bootstrap``, one sample per class);
+  stratified by class, fixed seed (``scipy.stats.bootstrap``, one sample per class): general tools;
+  results and leaderboards use :mod:`retbench.resampling` (test patients × runs) instead;
 - :func:`delong_test` and :func:`delong_test_ovr` — DeLong, DeLong & Clarke-Pearson (1988) for two
   correlated AUROCs on the same test set, with the midrank algorithm of Sun & Xu (2014);
 - :func:`check_comparable` — refuses to compare results made under different task versions,

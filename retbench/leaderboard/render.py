@@ -55,9 +55,13 @@ def _f3(x: float, sign: bool = False) -> str:
 
 def column_label(board: Board, column: str) -> tuple[str, str]:
     if column == MEAN:
-        return "mean", f"over {len(board.tasks)} tasks"
+        return "mean", f"over {_tasks(len(board.tasks))}"
     k = board.k_of.get(column)
     return column, board.metric_of[column] + (f", k={k}" if k is not None else "")
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task" + ("s" if n != 1 else "")
 
 
 def _markdown_cell(s: Shown | None) -> str:
@@ -117,6 +121,11 @@ RUNS_MEANING = {
     "few_shot": "its runs (seeds) draw different support sets and are real replicates of support-set sampling, all "
                 "scored on one test set",
     "zero_shot": "nothing is fitted: one run",
+    "linear_probe.flair": "its runs are FLAIR's folds, each with its own test set",
+    "linear_probe.flair_grouped": "its runs are folds, each with its own test set",
+    "vqa.probe": "its runs (seeds) differ only in the validation carve that picks C, so they share one test set "
+                 "and are not replicates of it",
+    "vqa.zero_shot": "nothing is fitted: one run",
 }
 
 
@@ -154,7 +163,7 @@ def footnotes(board: Board) -> list[str]:
                else "no CI (some task has no bootstrap replicates)")
     notes = [
         f"Each cell: mean of {_metric_phrase(board)} over the runs ({_runs_phrase(board)}); 95% CI in brackets: "
-        f"{_ci_phrase(board)}. Mean column: unweighted mean over the {len(board.tasks)} tasks, for models with every "
+        f"{_ci_phrase(board)}. Mean column: unweighted mean over the {_tasks(len(board.tasks))}, for models with every "
         f"task; {mean_ci}."
     ]
     directions = {board.higher[t] for t in board.tasks}
