@@ -158,6 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     existing = sum(r.status == "existing" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     err.print(f"{done} written, {existing} already in {config.results_dir}, {skipped} not applicable")
+    if skipped and not done and not existing:
+        err.print("[red]error:[/red] nothing was run: every requested evaluation was skipped "
+                  "(reasons above)", highlight=False, soft_wrap=True)
+        return 2
     if args.leaderboard:
         from retbench.leaderboard import write_leaderboards
 
@@ -214,12 +218,18 @@ def format_rows(rows: list[dict], columns: list[str], fmt: str) -> str:
     return tabulate(cells, headers=columns, tablefmt="github") + "\n"
 
 
-def _list_tasks() -> tuple[list[dict], list[str]]:
-    from retbench.tasks import get_task, task_index
+def _warn_invalid_specs(problems: list[str]) -> None:
+    for problem in problems:
+        err.print(f"[yellow]warning:[/yellow] skipped invalid task spec: {problem}", highlight=False, soft_wrap=True)
 
+
+def _list_tasks() -> tuple[list[dict], list[str]]:
+    from retbench.tasks import task_specs
+
+    specs, problems = task_specs()
+    _warn_invalid_specs(problems)
     rows = []
-    for name in task_index():
-        s = get_task(name)
+    for name, s in specs.items():
         rows.append({"task": name, "version": s.version, "modality": s.modality, "problem": s.problem,
                      "classes": len(s.classes), "primary": s.primary_metric, "groups": ", ".join(s.groups)})
     return rows, ["task", "version", "modality", "problem", "classes", "primary", "groups"]
@@ -247,8 +257,9 @@ def _list_metrics() -> tuple[list[dict], list[str]]:
 
 
 def _list_groups() -> tuple[list[dict], list[str]]:
-    from retbench.tasks import task_groups
+    from retbench.tasks import task_groups, task_specs
 
+    _warn_invalid_specs(task_specs()[1])
     return [{"group": f"@{g}", "tasks": ", ".join(t)} for g, t in sorted(task_groups().items())], ["group", "tasks"]
 
 
@@ -287,7 +298,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.protocol:
         frame = frame[frame["protocol"].isin(_csv_list(args.protocol))]
     if args.csv:
-        frame.to_csv(args.csv, index=False)
+        from retbench.io import atomic_write_bytes
+
+        try:  # the folder is created; the file is complete or absent
+            atomic_write_bytes(Path(args.csv), frame.to_csv(index=False).encode())
+        except OSError as exc:
+            raise RetbenchError(f"--csv {args.csv}: cannot write: {exc.strerror or exc}") from None
         err.print(f"wrote {len(frame)} rows to {args.csv}")
     table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "runs", "n test")
     for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +46,33 @@ class RunConfig:
             object.__setattr__(self, "cache_dir", default_cache_dir())
         if self.precision not in PRECISIONS:
             raise RetbenchError(f"precision must be one of {', '.join(PRECISIONS)}; got '{self.precision}'")
+        self._check_counts()
+
+    def _check_counts(self) -> None:
+        """Shots, seeds, batch size and workers: integers in range, each k once (one-line errors naming the flag)."""
+        if self.shots is not None:
+            if not isinstance(self.shots, (list, tuple)):
+                raise RetbenchError(f"--shots (shots) must be a list of integers >= 1; got {self.shots!r}")
+            shots = list(self.shots)
+            for k in shots:
+                if not _is_int(k) or k < 1:
+                    raise RetbenchError(f"--shots (shots): every k must be an integer >= 1; got {k!r}")
+            seen: set[int] = set()
+            for k in shots:
+                if k in seen:
+                    raise RetbenchError(f"--shots (shots): k={k} is given twice in {' '.join(map(str, shots))}; "
+                                        "give each k once")
+                seen.add(k)
+        for flag, field, value, low in (("--seeds", "seeds", self.seeds, 1),
+                                        ("--batch-size", "batch_size", self.batch_size, 1),
+                                        ("--workers", "num_workers", self.num_workers, 0)):
+            if value is not None and (not _is_int(value) or value < low):
+                raise RetbenchError(f"{flag} ({field}) must be an integer >= {low}; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
         return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

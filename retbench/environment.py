@@ -42,15 +42,37 @@ def git_hash() -> str:
         return "unknown"
 
 
+DEVICES = "auto | cpu | cuda | cuda:N | mps"
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available, else MPS, else CPU."""
+    """``auto`` → CUDA if available, else MPS, else CPU; a named device must exist on this machine."""
     if name != "auto":
-        return torch.device(name)
+        return _named_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _named_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against what this machine has (one-line errors)."""
+    from retbench.errors import RetbenchError
+
+    kind, _, index = str(name).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise RetbenchError(f"--device: unknown device '{name}'; allowed: {DEVICES}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RetbenchError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RetbenchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RetbenchError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
 
 
 def device_description(device: torch.device) -> str:

@@ -19,6 +19,10 @@ class DataError(RetbenchError):
     """The data behind a task is missing, unreadable or inconsistent."""
 
 
+class NotApplicableError(RetbenchError, ValueError):
+    """A protocol was asked of a task that does not allow it (a ValueError too, as ``evaluate`` raised before)."""
+
+
 class UnknownNameError(RetbenchError, KeyError):
     """A name is not in a registry; the message suggests close matches."""
 

@@ -16,7 +16,7 @@ from retbench.adapters import Adapter, canonical_model_name, load_model, run_nam
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
-from retbench.errors import RetbenchError
+from retbench.errors import NotApplicableError, RetbenchError
 from retbench.features import FeatureCache, Features, extract
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
@@ -130,6 +130,28 @@ def select_protocols(spec: TaskSpec, requested: tuple[str, ...]) -> list[str]:
     return [p for p in wanted if p in spec.protocols]
 
 
+def not_applicable_reason(spec: TaskSpec, protocol: str) -> str:
+    """Why an explicitly requested ``protocol`` is not run on ``spec``'s task (one line)."""
+    return (f"{protocol}: does not apply to task '{spec.name}' ({spec.kind} task; its protocols: "
+            f"{', '.join(spec.protocols)})")
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Fail with one line unless ``folder`` (or, while it does not exist yet, its nearest existing parent) is a writable
+    folder; creates nothing."""
+    import os
+
+    path = Path(folder).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RetbenchError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == path else f" (its parent {probe} is read-only)"
+        raise RetbenchError(f"{what} {path} is not writable{where}; choose another folder or fix its permissions")
+
+
 def configured_protocol(name: str, config: RunConfig) -> Any:
     """The registered protocol with CLI overrides (shots, number of seeds) applied."""
     proto = PROTOCOLS.get(name)
@@ -145,16 +167,25 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
     """Run every (model, task, protocol) of ``config``; finished results are skipped unless ``overwrite``."""
     config = dataclasses.replace(config, models=tuple(canonical_model_name(m) for m in config.models))
     device = resolve_device(config.device)
+    check_writable(config.results_dir, "results folder (--results-dir)")
+    if config.use_cache:
+        check_writable(config.cache_dir, "feature cache folder (--cache-dir / $RETBENCH_CACHE)")
     results_root = Path(config.results_dir)
     out: list[Result] = []
     tasks: dict[str, TaskData] = {}
+    not_applicable: set[tuple[str, str]] = set()
     for model in config.models:
         adapter: Adapter | None = None
         stored_as = run_name(model, config.weights)
         for task_name in config.tasks:
             spec = get_task(task_name)
+            allowed = select_protocols(spec, config.protocols)
+            for p in config.protocols:
+                if p not in allowed and (spec.name, p) not in not_applicable:  # one line per (task, protocol)
+                    not_applicable.add((spec.name, p))
+                    out.append(_report(Result({}, None, "skipped", not_applicable_reason(spec, p)), on_result))
             pending = []
-            for p in select_protocols(spec, config.protocols):
+            for p in allowed:
                 path = result_path(results_root, stored_as, spec.name, p)
                 if path.exists() and not config.overwrite:
                     if reason := stale_reason(path, spec.spec_hash):
@@ -356,11 +387,10 @@ def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: A
     >>> retbench.evaluate(model="classical", task="eye4class", protocol="linear_probe")  # doctest: +SKIP
     """
     config = RunConfig(models=(model,), tasks=(task,), protocols=(protocol,), **options)
-    results = run(config)
-    if not results:
-        spec = get_task(task)
-        raise ValueError(f"protocol '{protocol}' does not apply to task '{task}' (allowed: {', '.join(spec.protocols)})")
-    res = results[0]
+    spec = get_task(task)
+    if protocol not in select_protocols(spec, (protocol,)):
+        raise NotApplicableError(not_applicable_reason(spec, protocol))
+    res = run(config)[0]
     if res.status == "existing":
         import json
 

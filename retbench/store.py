@@ -63,8 +63,44 @@ def stale_reason(path: Path, spec_hash: str | None = None) -> str | None:
     return None
 
 
-def iter_results(root: Path) -> Iterator[dict[str, Any]]:
-    """Every complete result under ``root`` (temporary files are ignored)."""
+REQUIRED_KEYS = ("model.name", "task.name", "task.version", "protocol.name", "primary_metric", "metrics", "runs")
+"""What every reader of the store relies on; a result file without one of these is reported and left out."""
+
+TABLE_KEYS = REQUIRED_KEYS + ("created", "data.n_test")
+"""What ``retbench results`` (:func:`results_table`) reads besides."""
+
+
+def missing_key(data: Any, keys: tuple[str, ...] = REQUIRED_KEYS) -> str | None:
+    """The first dotted key of ``keys`` (plus the primary metric's mean and each run's seed) that ``data`` lacks."""
+    if not isinstance(data, dict):
+        return "<root> (not a JSON object)"
+    for dotted in keys:
+        node: Any = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return dotted
+            node = node[part]
+    primary = data["primary_metric"]
+    if not isinstance(data["metrics"], dict) or not isinstance(data["metrics"].get(primary), dict) \
+            or "mean" not in data["metrics"][primary]:
+        return f"metrics.{primary}.mean"
+    if not isinstance(data["runs"], list) or not all(isinstance(r, dict) and "seed" in r for r in data["runs"]):
+        return "runs[].seed"
+    return None
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (the CLI's ``warning:`` lines from library code)."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def iter_results(root: Path, keys: tuple[str, ...] = REQUIRED_KEYS) -> Iterator[dict[str, Any]]:
+    """Every complete result under ``root`` (temporary files are ignored).
+
+    A file that parses but lacks one of ``keys`` is left out with one warning line naming it.
+    """
     if not root.is_dir():
         raise RetbenchError(f"results directory does not exist: {root}")
     for path in sorted(root.glob("*/*/*.json")):
@@ -74,6 +110,9 @@ def iter_results(root: Path) -> Iterator[dict[str, Any]]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise RetbenchError(f"{path}: corrupt result file: {exc}") from None
+        if (missing := missing_key(data, keys)) is not None:
+            warn(f"{path}: not a complete result (no key '{missing}'); left out (delete it or rerun with --overwrite)")
+            continue
         data["_path"] = str(path)
         yield data
 
@@ -81,7 +120,7 @@ def iter_results(root: Path) -> Iterator[dict[str, Any]]:
 def results_table(root: Path) -> pd.DataFrame:
     """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI."""
     rows = []
-    for r in iter_results(root):
+    for r in iter_results(root, TABLE_KEYS):
         row = {
             "model": r["model"]["name"], "task": r["task"]["name"], "task_version": r["task"]["version"],
             "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],

@@ -47,8 +47,8 @@ def task_index() -> dict[str, Path]:
 def _peek_name(path: Path) -> str:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return path.stem
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return path.stem  # unreadable: indexed by its stem, and its error names the file when it is used
     return str(data.get("name", path.stem)) if isinstance(data, dict) else path.stem
 
 
@@ -68,11 +68,27 @@ def get_task(name: str) -> TaskSpec:
     return parse_spec(task_registry().get(name))
 
 
+def task_specs() -> tuple[dict[str, TaskSpec], list[str]]:
+    """Every indexed task's spec, and one message (naming the file) per spec file that fails to parse."""
+    specs: dict[str, TaskSpec] = {}
+    problems: list[str] = []
+    for name in task_index():
+        try:
+            specs[name] = get_task(name)
+        except RetbenchError as exc:
+            problems.append(str(exc))
+    return specs, problems
+
+
 def task_groups() -> dict[str, list[str]]:
-    """Group name → task names, from each spec's ``groups`` (plus ``all``)."""
+    """Group name → task names, from each spec's ``groups`` (plus ``all``).
+
+    A spec that fails to parse is in ``all`` only (its groups are unknown); running it reports its error.
+    """
     groups: dict[str, list[str]] = {"all": sorted(task_index())}
-    for name in sorted(task_index()):
-        for g in get_task(name).groups:
+    specs, _ = task_specs()
+    for name in sorted(specs):
+        for g in specs[name].groups:
             groups.setdefault(g, []).append(name)
     return groups
 

@@ -65,7 +65,7 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
     dropped: dict[str, list[str]] = defaultdict(list)
     image_root = root
     for split, rel in (src.files or {None: src.path}).items():
-        csv_path = _need(root / rel, spec, root)
+        csv_path = _need(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
         needed = [s.column for s in sides] + [src.patient_column, src.split_column] + ([src.label_column] if mapper else [])

@@ -64,7 +64,7 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
     src, out = spec.source, []
     image_root = root
     for split, rel in (src.files or {None: src.path}).items():
-        csv_path = _need(root / rel, spec, root)
+        csv_path = _need(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
         assert spec.vqa is not None
@@ -80,7 +80,7 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
 def _folder_records(spec: TaskSpec, root: Path, dropped: dict[str, list[str]]) -> tuple[list, Path]:
     """A folder per class: each image is a record whose column ``folder`` is its class folder's name."""
     src = spec.source
-    base = _need(root / src.path, spec, root)
+    base = _need(root / src.path, spec, root, "folder")
     rows = []
     for split, sub in (src.split_dirs or {None: ""}).items():
         split_root = base / sub

@@ -98,17 +98,29 @@ def _finish(spec: TaskSpec, rows: list[tuple[str, int, str, str | None]], images
     )
 
 
-def _need(path: Path, spec: TaskSpec, root: Path) -> Path:
+def _need(path: Path, spec: TaskSpec, root: Path, kind: str | None = None) -> Path:
+    """``path`` if it exists (and, with ``kind`` 'file' or 'folder', is one); else a one-line error naming it."""
     if not path.exists():
         raise DataError(missing_message(spec, root, [str(path.relative_to(root))], 1).replace(" images ", " files "))
+    if kind == "file" and not path.is_file():
+        raise DataError(f"task '{spec.name}': {path} is a folder, expected a {spec.source.kind} file")
+    if kind == "folder" and not path.is_dir():
+        raise DataError(f"task '{spec.name}': {path} is a file, expected a folder")
     return path
 
 
 def _read_csv_file(csv_path: Path) -> pd.DataFrame:
+    if csv_path.is_dir():
+        raise DataError(f"{csv_path}: is a folder, expected a CSV file")
     try:
         return pd.read_csv(csv_path, dtype=object, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty CSV ({csv_path.stat().st_size} bytes, no header row); expected a header "
+                        "row and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: unreadable CSV: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{csv_path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_frame(spec: TaskSpec, root: Path, csv_path: Path) -> pd.DataFrame:
@@ -119,7 +131,7 @@ def read_frame(spec: TaskSpec, root: Path, csv_path: Path) -> pd.DataFrame:
     """
     frame = _read_csv_file(csv_path)
     for join in spec.source.join:
-        other_path = _need(root / join.path, spec, root)
+        other_path = _need(root / join.path, spec, root, "file")
         other = _read_csv_file(other_path)
         for col, table, where in ((join.key, frame, csv_path), (join.join_key, other, other_path)):
             if col not in table.columns:
@@ -152,7 +164,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
     rows, dropped = [], defaultdict(list)
     image_root = None
     for split, rel in files.items():
-        csv_path = _need(root / rel, spec, root)
+        csv_path = _need(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
         for col in [src.image_column, src.label_column, src.patient_column, src.split_column]:
@@ -177,7 +189,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
 def read_folder(spec: TaskSpec, root: Path) -> Examples:
     """Folder per class (optionally inside per-split folders): ``<path>[/<split>]/<class>/<image>``."""
     src = spec.source
-    base = _need(root / src.path, spec, root)
+    base = _need(root / src.path, spec, root, "folder")
     split_dirs = src.split_dirs or {None: ""}
     mapper = LabelMapper(spec)
     rows = []
@@ -212,7 +224,7 @@ def _drop_conflicts(rows: list, base: Path) -> tuple[list, list[str]]:
 @SOURCES.register("npz")
 def read_npz(spec: TaskSpec, root: Path) -> Examples:
     """``.npz`` with ``<split>_images`` and ``<split>_labels`` arrays (MedMNIST layout)."""
-    path = _need(root / spec.source.path, spec, root)
+    path = _need(root / spec.source.path, spec, root, "file")
     try:
         with np.load(path) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -239,7 +251,7 @@ def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
     import datasets
 
     src = spec.source
-    path = _need(root / src.path, spec, root)
+    path = _need(root / src.path, spec, root, "folder")
     ds = datasets.load_from_disk(str(path))
     parts = dict(ds.items()) if isinstance(ds, datasets.DatasetDict) else {None: ds}
     mapper = LabelMapper(spec)

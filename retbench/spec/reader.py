@@ -19,15 +19,24 @@ def load_yaml_with_includes(path: Path, _seen: tuple[Path, ...] = ()) -> dict[st
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(str(path), "include", "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), "<file>", f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        "save the spec as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(str(path), "<file>", f"cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise SpecError(str(path), "<yaml>", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise SpecError(str(path), "<root>", "a task spec must be a YAML mapping")
-    includes = data.pop("include", [])
+    includes = data.pop("include", None)
+    includes = [] if includes is None else [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i.strip() for i in includes):
+        raise SpecError(str(path), "include", f"expected a path or a list of paths, got {type(includes).__name__} "
+                        f"{includes!r}")
     merged: dict[str, Any] = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in includes:
         merged = deep_merge(merged, load_yaml_with_includes(path.parent / inc, _seen + (path,)))
     return deep_merge(merged, data)
 
