@@ -15,8 +15,9 @@ resampled too. A replicate b therefore
 The CI is the percentile interval of the replicates (it stays inside the metric's range). The
 paired version draws the same patients and runs for two models (runs paired by (seed, k)) and
 bootstraps the difference; its two-sided p is twice the smaller share of replicates on either side
-of zero. The point estimate is the mean over runs of the metric on every test image: the same
-predictions the replicates resample.
+of zero, counted with +1 (never 0; at least 2 / 1001 with 1,000 replicates). The point estimate
+is the mean over runs of the metric on every test image: the same predictions the replicates
+resample.
 """
 
 from __future__ import annotations
@@ -218,10 +219,19 @@ def paired_bootstrap(metric: Metric, runs_a: Sequence[RunPredictions], runs_b: S
     dist = (_mean_over_drawn(_matrix(metric, pa, clusters, counts), run_counts)
             - _mean_over_drawn(_matrix(metric, pb, clusters, counts), run_counts))
     low, high = _percentile(dist, confidence)
-    ok = dist[np.isfinite(dist)]
-    p = min(1.0, 2 * min(np.mean(ok <= 0), np.mean(ok >= 0))) if ok.size else float("nan")
+    p = bootstrap_p(dist)
     return Interval(_point(metric, pa) - _point(metric, pb), low, high, float(np.nanstd(dist, ddof=1)), clusters.n,
                     len(keys), unit, n_resamples, seed, float(p), dist)
+
+
+def bootstrap_p(differences: np.ndarray) -> float:
+    """Two-sided bootstrap p of "no difference": twice the smaller tail share of replicates at or beyond zero,
+    counted with the usual +1 (Davison & Hinkley), so it is never 0: at least 2 / (B + 1)."""
+    ok = differences[np.isfinite(differences)]
+    if not ok.size:
+        return float("nan")
+    tail = min(int(np.sum(ok <= 0)), int(np.sum(ok >= 0)))
+    return min(1.0, 2 * (tail + 1) / (ok.size + 1))
 
 
 def mean_of_intervals(intervals: Sequence[Interval], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:

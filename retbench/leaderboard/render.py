@@ -209,8 +209,9 @@ def _significance_note(board: Board) -> str:
         text += (" Per task: paired bootstrap of the difference, both models scored on the same resampled test "
                  f"{' / '.join(u + 's' for u in units)} and the same resampled runs (paired by seed"
                  f"{' and k' if any(k is not None for k in board.k_of.values()) else ''}; {board.resamples} resamples); "
-                 "p is twice the smaller share of replicates on either side of zero, so it cannot go below "
-                 f"{2 / board.resamples:.3g}.")
+                 "p is twice the smaller share of replicates on either side of zero, counted with +1, so it "
+                 f"cannot go below {2 / (board.resamples + 1):.2g}"
+                 + (" (no double star is possible per task)" if 2 / (board.resamples + 1) >= 0.001 else "") + ".")
     delong = sorted({c.column for c in comps if c.test == "delong"})
     if delong:
         text += f" Binary AUROC of single runs ({', '.join(delong)}): DeLong's test for correlated ROC curves."
