@@ -4,7 +4,8 @@
 #      MAE (RETFound's recipe) and FLAIR-style image-label-text alignment; every evaluation test image is
 #      excluded from pretraining by content;
 #   2. benchmark them, the same architectures randomly initialised (--weights random) and three baselines
-#      on every bundled task with linear probe, few-shot and zero-shot;
+#      on every bundled task with linear probe, few-shot and zero-shot; classical and tinyclip on the
+#      retrieval and VQA tasks;
 #   3. write the leaderboards (markdown, CSV, HTML, figures) with significance tests against the baselines;
 #   4. check that leaderboards/ is byte-identical to the committed one, and fail saying which files drifted
 #      (RETBENCH_ALLOW_DRIFT=1 reports without failing, e.g. after changing what is benchmarked).
@@ -24,6 +25,8 @@ done
 $RB run --model "${MODELS:-classical,timm:resnet18,tinyclip,local:$RUNS/mae,local:$RUNS/flair}" --task @bundled \
   --results-dir "$RESULTS" "$@"
 $RB run --model "local:$RUNS/mae,local:$RUNS/flair" --weights random --task @bundled --results-dir "$RESULTS" "$@"
+$RB run --model classical,tinyclip --task @retrieval,@vqa --results-dir "$RESULTS" "$@"
+rm -rf leaderboards  # generated: nothing but what this store produces (no orphaned tables)
 $RB leaderboard --results-dir "$RESULTS" --out leaderboards \
   --baseline classical --baseline local:mae@random --baseline local:flair@random
 $RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
