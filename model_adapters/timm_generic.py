@@ -1,7 +1,8 @@
 """Any timm architecture (family ``timm``): ``timm:<model name>``.
 
 Random initialisation by default (offline-safe, seeded), local weights with
-``--weights FILE`` (safetensors or a torch state dict; classifier heads are dropped), or
+``--weights FILE`` (safetensors or a torch state dict; classifier heads are dropped, any other tensor the
+model lacks is an error), or
 ``--weights hub`` for timm's own pretrained download. Preprocessing comes from the
 model's timm pretrained config (input size, interpolation, crop_pct, mean/std), so it
 matches the weights. Features: timm's pooled pre-logits (``num_classes=0``).
@@ -32,6 +33,40 @@ def timm_preprocess(name: str) -> Preprocess:
             "bicubic", "bilinear", "nearest") else "bicubic",
         crop_pct=cfg.crop_pct or 1.0, mean=tuple(cfg.mean), std=tuple(cfg.std),
     )
+
+
+HEAD_PREFIXES = ("classifier", "fc", "head", "head_dist", "last_linear")
+"""Top-level modules of timm classifier heads: absent with ``num_classes=0``, so a checkpoint's are dropped."""
+
+
+def checked_state(path: str, model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint ``path`` for timm model ``name``, less its classifier head.
+
+    Every parameter and buffer of ``model`` must be there with its shape; a tensor that is neither
+    one of them nor under a classifier head (:data:`HEAD_PREFIXES`, or the head timm's pretrained
+    config names) is an error: the checkpoint is of another architecture (resnet34 weights hold all
+    of resnet18's keys and more), and keeping only the matching keys would evaluate a different network.
+    """
+    import timm
+
+    state = load_state_dict(path)
+    own = model.state_dict()
+    cfg = timm.models.get_pretrained_cfg(name)
+    named = getattr(cfg, "classifier", None)
+    heads = set(HEAD_PREFIXES) | ({named} if isinstance(named, str) else set(named or ()))
+    unexpected = [k for k in state if k not in own and not any(k == h or k.startswith(h + ".") for h in heads)]
+    if unexpected:
+        raise RetbenchError(f"{path}: {len(unexpected)} tensors are not parameters of timm:{name} (first: "
+                            f"{', '.join(unexpected[:3])}); a checkpoint of another architecture? (only classifier "
+                            "heads are dropped)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise RetbenchError(f"{path}: {len(missing)} parameters of {name} missing, e.g. {missing[0]}")
+    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise RetbenchError(f"{path}: tensor '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, timm:{name} expects "
+                            f"{tuple(own[wrong[0]].shape)} ({len(wrong)} such); a checkpoint of another architecture?")
+    return {k: state[k] for k in own}
 
 
 @register_adapter
@@ -68,13 +103,7 @@ class TimmAdapter(Adapter):
         hub = self.weights == "hub"
         self.model = timm.create_model(self.tag.name, pretrained=hub, num_classes=0)
         if self.weights and not hub and not self.random_init:
-            state = load_state_dict(self.weights)
-            own = self.model.state_dict()
-            state = {k: v for k, v in state.items() if k in own}
-            missing = [k for k in own if k not in state]
-            if missing:
-                raise RetbenchError(f"{self.weights}: {len(missing)} parameters of {self.tag.name} missing, e.g. {missing[0]}")
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(checked_state(self.weights, self.model, self.tag.name))
         self.model.eval().to(self.device)
 
     def weights_identity(self) -> str:

@@ -309,8 +309,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):
         m = r["primary_metric"]
         low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
-        ci = f"{low:.3f}–{high:.3f}" if low == low and low is not None else ""
-        table.add_row(r["model"], r["task"], r["protocol"], m, f"{r['primary']:.3f}", ci, str(r["seeds"]), str(r["n_test"]))
+        ci = f"{low:.3f}–{high:.3f}" if low is not None and low == low and high == high else ""
+        mean = f"{r['primary']:.3f}" if r["primary"] == r["primary"] else "–"  # NaN (stored as null): no value
+        table.add_row(r["model"], r["task"], r["protocol"], m, mean, ci, str(r["seeds"]), str(r["n_test"]))
     out.print(table)
     return 0
 

@@ -25,8 +25,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_default) + "\n").encode())
+    """Atomically write ``obj`` as indented, key-sorted, strict JSON: NaN and ±infinity become ``null``.
+
+    Python's ``json`` would write the literals ``NaN``/``Infinity``, which strict parsers (browsers,
+    ``jq``, most languages) reject; readers treat ``null`` as a missing value.
+    """
+    atomic_write_bytes(path, (dumps_strict(obj) + "\n").encode())
+
+
+def dumps_strict(obj: Any) -> str:
+    """``obj`` as indented, key-sorted JSON without NaN/Infinity literals (each written as ``null``)."""
+    try:
+        return json.dumps(obj, indent=1, sort_keys=True, default=_default, allow_nan=False)
+    except ValueError:  # a non-finite number somewhere: replace them all (the common case pays nothing)
+        return json.dumps(_finite(obj), indent=1, sort_keys=True, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (numpy values and arrays converted first)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return _finite(_default(obj))
 
 
 def _default(obj: Any) -> Any:

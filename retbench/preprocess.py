@@ -89,7 +89,7 @@ class Preprocess:
 
     def load(self, image: Image.Image) -> torch.Tensor:
         """Transform a PIL image into a ``uint8`` tensor of shape (3, size, size)."""
-        image = image.convert("RGB")
+        image = to_8bit(image).convert("RGB")
         if self.fundus_crop != "none":
             image = CROPS[self.fundus_crop](image)
         if self.grayscale:
@@ -120,6 +120,45 @@ class Preprocess:
         image = image.resize((nw, nh), interp)
         left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return image.crop((left, top, left + s, top + s))
+
+
+def _bit_depth(image: Image.Image, values: np.ndarray) -> int:
+    """Bits per sample of a 16/32-bit grey image: its mode, else the file's declared depth, else what holds it."""
+    if image.mode.startswith("I;16"):
+        return 16
+    declared = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    if declared:
+        return int(max(declared)) if isinstance(declared, tuple) else int(declared)
+    if image.format == "PNG":  # PNG stores at most 16 bits per sample (older Pillow opens them as mode I)
+        return 16
+    return 16 if values.size == 0 or int(values.max()) <= 0xFFFF else 32
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """``image`` with 16- or 32-bit grey samples scaled by its bit depth to 8 bits (mode ``L``); others unchanged.
+
+    ``convert("RGB")`` clips such samples at 255 (a 16-bit OCT export turns almost white); here a value
+    ``v`` of a ``b``-bit image becomes ``round(v · 255 / (2^b - 1))``, so a 16-bit copy of an 8-bit image
+    (``v · 257``) decodes to the same bytes. Float images (mode ``F``) in [0, 1] are scaled by 255, in
+    [0, 255] kept as they were; other float ranges are refused (ValueError) rather than clipped.
+    8-bit images are returned as they are.
+    """
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        top = (1 << _bit_depth(image, values)) - 1
+        scaled = (np.clip(values, 0, top) * 255 + top // 2) // top
+        return Image.fromarray(scaled.astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise ValueError("float image with NaN or infinite samples")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low >= 0 and high <= 1:
+            return Image.fromarray(np.rint(values * 255).astype(np.uint8))
+        if low < 0 or high > 255:
+            raise ValueError(f"float image with samples in [{low:g}, {high:g}]; expected [0, 1] or [0, 255]")
+    return image
 
 
 def crop_fundus(image: Image.Image, threshold: int = 20) -> Image.Image:

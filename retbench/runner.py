@@ -281,7 +281,7 @@ def _data_summary(spec: TaskSpec, ex: Examples, splits: dict[str, np.ndarray], f
             "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
             "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
             "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
-            "bad_images": features.bad_ids}
+            "bad_images": features.bad_ids, **({"warnings": list(ex.warnings)} if ex.warnings else {})}
 
 
 def _run_kind(adapter: Adapter, task: TaskData, protocol_name: str, path: Path, config: RunConfig, device: Any) -> Result:
@@ -378,7 +378,7 @@ def _kind_data_summary(task: TaskData, output: Any, bad_images: list[str]) -> di
             "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
             "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
             "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
-            "bad_images": bad_images, **output.notes}
+            "bad_images": bad_images, **({"warnings": list(ex.warnings)} if ex.warnings else {}), **output.notes}
 
 
 def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: Any) -> Result:

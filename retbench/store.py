@@ -117,21 +117,27 @@ def iter_results(root: Path, keys: tuple[str, ...] = REQUIRED_KEYS) -> Iterator[
         yield data
 
 
+def number(value: Any) -> float:
+    """A stored number as float; ``null`` (how results store NaN) and absent values are NaN (missing)."""
+    return float("nan") if value is None else float(value)
+
+
 def results_table(root: Path) -> pd.DataFrame:
-    """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI."""
+    """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI (NaN: missing)."""
     rows = []
     for r in iter_results(root, TABLE_KEYS):
         row = {
             "model": r["model"]["name"], "task": r["task"]["name"], "task_version": r["task"]["version"],
             "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],
-            "primary": r["metrics"][r["primary_metric"]]["mean"], "n_test": r["data"]["n_test"],
+            "primary": number(r["metrics"][r["primary_metric"]]["mean"]), "n_test": r["data"]["n_test"],
             "seeds": len({run["seed"] for run in r["runs"]}), "k": r.get("headline_k"), "created": r["created"],
             "path": r["_path"],
         }
         for name, m in r["metrics"].items():
             if "std" in m:
-                row[name] = m["mean"]
+                row[name] = number(m["mean"])
                 if "ci95" in m:
-                    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = m["ci95"]
+                    low, high = m["ci95"] or (None, None)
+                    row[f"{name}_ci_low"], row[f"{name}_ci_high"] = number(low), number(high)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -41,7 +41,9 @@ def open_for_hash(path: Path) -> Image.Image:
     """Open an image file, letting JPEG decode at reduced scale (the hash needs only 64 px)."""
     with Image.open(path) as im:
         im.draft("RGB", (4 * HASH_SIDE, 4 * HASH_SIDE))
-        return im.convert("RGB")
+        from retbench.preprocess import to_8bit
+
+        return to_8bit(im).convert("RGB")
 
 
 @dataclass(frozen=True)

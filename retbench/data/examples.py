@@ -24,9 +24,12 @@ class FileImages:
         return self.root / image_id
 
     def open(self, image_id: str) -> Image.Image:
+        """The decoded image; 16/32-bit grey samples scaled to 8 bits by their bit depth (8-bit images as stored)."""
+        from retbench.preprocess import to_8bit
+
         with Image.open(self.path(image_id)) as im:
             im.load()
-            return im
+            return to_8bit(im)
 
     def missing(self, ids: list[str]) -> list[str]:
         return [i for i in ids if not self.path(i).is_file()]
@@ -44,6 +47,8 @@ class ArrayImages:
     def open(self, image_id: str) -> Image.Image:
         split, _, idx = image_id.partition("/")
         arr = self.arrays[split][int(idx)]
+        if arr.dtype == np.uint16:  # scaled by the bit depth, as 16-bit files are (uint8 arrays as stored)
+            arr = ((arr.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(arr if arr.ndim == 3 else np.stack([arr] * 3, axis=-1))
 
     def missing(self, ids: list[str]) -> list[str]:
@@ -69,6 +74,7 @@ class Examples:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     item_of: np.ndarray | None = None  # per row, its item (a retrieval pair): an item's rows always share a split
     near_duplicate_pairs: int | None = None  # with splits.group_near_duplicates: pairs merged into one group
+    warnings: list[str] = field(default_factory=list)  # data problems let through (printed once, recorded in results)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from retbench.data.examples import Examples, FileImages, check_examples, missing_message
-from retbench.data.sources import IMAGE_SUFFIXES, _drop_conflicts, _need, _raw_key, patient_of, read_frame
+from retbench.data.sources import (
+    IMAGE_SUFFIXES,
+    _drop_conflicts,
+    _drop_relabelled,
+    _need,
+    _raw_key,
+    patient_of,
+    read_frame,
+)
 from retbench.errors import DataError
 from retbench.spec import QuestionSpec, TaskSpec
 
@@ -33,6 +41,13 @@ class QuestionData:
     def asked(self, q: int) -> np.ndarray:
         """Boolean mask of the images question ``q`` is asked about."""
         return self.answers[:, q] >= 0
+
+
+_ORIGIN = "\0origin"  # key of a CSV record's (file, row number); no CSV column is called that
+
+
+def _describe_answers(questions: tuple[QuestionSpec, ...], answers: tuple[int, ...]) -> str:
+    return ", ".join(f"{q.name}: {q.answers[a].name}" for q, a in zip(questions, answers) if a >= 0)
 
 
 class AnswerMapper:
@@ -60,7 +75,7 @@ class AnswerMapper:
 
 
 def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[str, Any]]], Path]:
-    """(where, given split, record) per CSV row, and the image root."""
+    """(where, given split, record) per CSV row (the record's ``_origin``: its file and row number), and the image root."""
     src, out = spec.source, []
     image_root = root
     for split, rel in (src.files or {None: src.path}).items():
@@ -73,7 +88,7 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
                 raise DataError(f"{csv_path}: no column '{col}' (columns: {', '.join(map(str, frame.columns))})")
         for i, rec in enumerate(frame.to_dict("records")):
             out.append((f"{csv_path}: row {i + 2}", split if split is not None else
-                        (rec[src.split_column] if src.split_column else None), rec))
+                        (rec[src.split_column] if src.split_column else None), {**rec, _ORIGIN: (csv_path, i + 2)}))
     return out, image_root
 
 
@@ -108,6 +123,7 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
     mappers = [AnswerMapper(q) for q in questions]
     offsets = spec.vqa.offsets()
     ids, labels, patients, given, answers = [], [], [], [], []
+    origins = []  # per kept record of a CSV: (file, row number)
     for where, split, rec in records:
         image_id = str(rec[image_column])
         row = [m(rec[q.column], where) for m, q in zip(mappers, questions)]
@@ -120,10 +136,20 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
         patients.append(patient_of(spec, image_id, rec.get(src.patient_column) if src.patient_column else None))
         given.append(split)
         answers.append([-1 if a is None else a for a in row])
+        origins.append(rec.get(_ORIGIN))
+    warnings: list[str] = []
+    if src.kind != "folder":  # one image given two answers to a question: an error, or dropped when opted in
+        rows = [(image_id, tuple(a), k) for k, (image_id, a) in enumerate(zip(ids, answers))]
+        keep, warnings = _drop_relabelled(spec, rows, origins, lambda a: _describe_answers(questions, a), dropped,
+                                          lambda a, b: any(x >= 0 and y >= 0 and x != y for x, y in zip(a, b)))
+        if len(keep) < len(rows):
+            kept = [k for *_, k in keep]
+            ids, labels, patients, given, answers = ([seq[k] for k in kept]
+                                                     for seq in (ids, labels, patients, given, answers))
     examples = Examples(
         ids=ids, labels=np.asarray(labels, dtype=np.int64), patients=patients,
         given_split=given if ids and all(g is not None for g in given) else None,
-        images=FileImages(image_root), dropped={k: v for k, v in dropped.items() if v},
+        images=FileImages(image_root), dropped={k: v for k, v in dropped.items() if v}, warnings=warnings,
     )
     return QuestionData(spec, examples, np.asarray(answers, dtype=np.int64).reshape(len(ids), len(questions)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -161,7 +162,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
     src = spec.source
     files = src.files or {None: src.path}
     mapper = LabelMapper(spec)
-    rows, dropped = [], defaultdict(list)
+    rows, dropped, origins = [], defaultdict(list), []
     image_root = None
     for split, rel in files.items():
         csv_path = _need(root / rel, spec, root, "file")
@@ -182,7 +183,50 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
             patient = patient_of(spec, image_id, rec.get(src.patient_column) if src.patient_column else None)
             row_split = split if split is not None else (rec[src.split_column] if src.split_column else None)
             rows.append((image_id, label, patient, row_split))
-    return _finish(spec, rows, FileImages(image_root), dropped)
+            origins.append((csv_path, i + 2))
+    rows, warnings = _drop_relabelled(spec, rows, origins, lambda label: spec.classes[label].name, dropped)
+    examples = _finish(spec, rows, FileImages(image_root), dropped)
+    examples.warnings.extend(warnings)
+    return examples
+
+
+def _drop_relabelled(spec: TaskSpec, rows: list, origins: list[tuple[Path, int]], describe: Callable[[Any], str],
+                     dropped: dict[str, list[str]],
+                     differ: Callable[[Any, Any], bool] = lambda a, b: a != b) -> tuple[list, list[str]]:
+    """Rows of a manifest that lists one image under two different labels: an error, or with
+    ``source.drop_conflicting_duplicates`` every row of such an image dropped (as folder sources drop
+    identical files filed under two classes), recorded under ``dropped['conflicting_duplicate']`` with a warning.
+
+    ``rows`` are (image id, label, ...) with ``origins[i]`` = (CSV file, row number) and ``describe(label)`` the
+    label as the message names it; the same image listed twice under one label (labels that do not ``differ``)
+    stays as it is.
+    """
+    seen: dict[str, list[int]] = defaultdict(list)
+    conflicts: dict[str, tuple[int, int]] = {}
+    for i, row in enumerate(rows):
+        key = os.path.normpath(row[0])
+        if key not in conflicts:
+            j = next((j for j in seen[key] if differ(rows[j][1], row[1])), None)
+            if j is not None:
+                conflicts[key] = (j, i)
+        seen[key].append(i)
+    if not conflicts:
+        return rows, []
+    j, i = next(iter(conflicts.values()))
+    (path_j, row_j), (path_i, row_i) = origins[j], origins[i]
+    detail = (f"{path_i}: image '{rows[i][0]}' is listed under two labels: '{describe(rows[j][1])}' (row {row_j}"
+              f"{'' if path_j == path_i else f' of {path_j}'}) and '{describe(rows[i][1])}' (row {row_i})")
+    if not spec.source.drop_conflicting_duplicates:
+        raise DataError(f"{detail}; fix the manifest, or set source.drop_conflicting_duplicates: true to drop every "
+                        "image listed under two labels")
+    gone = [r for r in rows if os.path.normpath(r[0]) in conflicts]
+    dropped["conflicting_duplicate"].extend(dict.fromkeys(r[0] for r in gone))
+    note = (f"task '{spec.name}': dropped {len(gone)} rows of {len(conflicts)} images listed under two labels "
+            f"(source.drop_conflicting_duplicates; first: {detail})")
+    from retbench.store import warn
+
+    warn(note)
+    return [r for r in rows if os.path.normpath(r[0]) not in conflicts], [note]
 
 
 @SOURCES.register("folder")
@@ -262,7 +306,9 @@ def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
             raise DataError(f"{path}: no column '{src.label_column}' (columns: {', '.join(part.column_names)})")
         names = getattr(feature, "names", None)
         key = split or "all"
-        arrays[key] = [np.asarray(im.convert("RGB")) for im in part[src.image_column]]
+        from retbench.preprocess import to_8bit
+
+        arrays[key] = [np.asarray(to_8bit(im).convert("RGB")) for im in part[src.image_column]]
         for i, raw in enumerate(part[src.label_column]):
             value = names[raw] if names else raw
             label = mapper(value, f"{path}: {key}[{i}]")

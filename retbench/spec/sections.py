@@ -61,6 +61,13 @@ def parse_classes(r: Reader, key: str = "classes", what: str = "class") -> tuple
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise r.fail(key, f"duplicate {what} names in {names}")
+    owner: dict[str, int] = {}
+    for i, c in enumerate(out):
+        for value in c.match:
+            j = owner.setdefault(value, i)
+            if j != i:  # the label mapping would silently give the value to the later class
+                raise r.fail(f"{key}[{i}].match", f"label value '{value}' is matched by both {what} '{out[j].name}' "
+                             f"({r.key(key)}[{j}]) and {what} '{c.name}'; a value must mean one {what}")
     return tuple(out)
 
 
