@@ -20,12 +20,19 @@ from retbench.io import atomic_write_json
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe rendering of a model name (``timm:resnet18`` → ``timm_resnet18``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    """A file-name-safe rendering of a model, task or protocol name (``timm:resnet18`` → ``timm_resnet18``).
+
+    Always one visible path component: runs of characters other than letters, digits, ``.``, ``_`` and ``-``
+    (``/`` and ``\\`` included) become ``_``; a name that would come out empty or start with ``.`` (``..``,
+    ``.``, a hidden file the store's readers skip) gets a leading ``_`` (``..`` → ``_..``), which no other
+    name's rendering has, so every name that was safe before keeps its file.
+    """
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    return out if out and not out.startswith(".") else f"_{out}"
 
 
 def result_path(root: Path, model: str, task: str, protocol: str) -> Path:
-    """Deterministic location of one result."""
+    """Deterministic location of one result: always a file three levels under ``root``, whatever the names hold."""
     return root / safe_name(task) / safe_name(protocol) / f"{safe_name(model)}.json"
 
 
@@ -131,6 +138,11 @@ def results_table(root: Path) -> pd.DataFrame:
             "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],
             "primary": number(r["metrics"][r["primary_metric"]]["mean"]), "n_test": r["data"]["n_test"],
             "seeds": len({run["seed"] for run in r["runs"]}), "k": r.get("headline_k"), "created": r["created"],
+        protocol = data["protocol"]["name"]
+        if not isinstance(protocol, str) or safe_name(protocol) != protocol:  # leaderboards are files named by it
+            warn(f"{path}: protocol name {protocol!r} is not a file name (letters, digits, '.', '_', '-'; not "
+                 "starting with '.'); left out (not a result retbench wrote)")
+            continue
             "path": r["_path"],
         }
         for name, m in r["metrics"].items():

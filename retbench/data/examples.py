@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retbench.errors import DataError, RetbenchError
+from retbench.errors import DataError, RetbenchError, SpecError
 from retbench.spec import TaskSpec
 
 
@@ -97,6 +97,48 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path:
     return root
 
 
+class RootGuard:
+    """Keeps every path a task reads inside the data root.
+
+    A path is judged by its *joined* form, normalised lexically (``os.path.abspath``: ``..`` removed, symlinks not
+    followed): ``../outside/labels.csv``, ``/etc/passwd`` or an image id ``../../x.png`` are refused with one line
+    naming the spec file, the key or CSV row and the path, while a symlink inside the root may point anywhere.
+    """
+
+    def __init__(self, spec: TaskSpec, root: Path) -> None:
+        self.spec, self.root = spec, root
+        self.base = os.path.abspath(root)
+        self.prefix = self.base if self.base.endswith(os.sep) else self.base + os.sep
+
+    def outside(self, path: str | os.PathLike) -> str | None:
+        """``path`` normalised when it lies outside the data root, else None."""
+        full = os.path.abspath(path)
+        return None if full == self.base or full.startswith(self.prefix) else full
+
+    def check_spec(self) -> None:
+        """Every path of the spec's ``source`` section (path, files, image_root, join paths, split_dirs)."""
+        src = self.spec.source
+        joins = self.spec.raw.get("source", {}).get("join") if isinstance(self.spec.raw.get("source"), dict) else None
+        checks = [("source.path", src.path, self.root / src.path)]
+        checks += [(f"source.files.{split}", rel, self.root / rel) for split, rel in src.files.items()]
+        if src.image_root is not None:
+            checks.append(("source.image_root", src.image_root, self.root / src.image_root))
+        checks += [("source.join.path" if not isinstance(joins, list) else f"source.join[{i}].path", j.path,
+                    self.root / j.path) for i, j in enumerate(src.join)]
+        checks += [(f"source.split_dirs.{split}", sub, self.root / src.path / sub) for split, sub in src.split_dirs.items()]
+        for key, value, joined in checks:
+            if (full := self.outside(joined)) is not None:
+                raise SpecError(self.spec.file, key, f"'{value}' is outside the data root {self.root} (resolves to "
+                                f"{full}); task files must lie inside it")
+
+    def check_image(self, image_root: Path, image_id: str, where: str, column: str | None = None) -> None:
+        """An image id read from ``where`` (a CSV row), joined to ``image_root``."""
+        if (full := self.outside(image_root / image_id)) is not None:
+            col = f" (column '{column}')" if column else ""
+            raise DataError(f"{where}: image '{image_id}'{col} is outside the data root {self.root} (resolves to "
+                            f"{full}; task spec {self.spec.file}); images must lie inside it")
+
+
 def load_examples(spec: TaskSpec, root: Path) -> Examples:
     """Read ``spec``'s source under ``root`` and check that every image is there.
 
@@ -123,6 +165,10 @@ def check_examples(spec: TaskSpec, root: Path, examples: Examples) -> None:
     """Fail with one message if ``examples`` is empty or any of its images is missing."""
     if len(examples) == 0:
         raise DataError(f"task '{spec.name}': the source under {root} yields no labelled examples")
+    if isinstance(examples.images, FileImages):  # the readers check each CSV row; this catches any other way in
+        guard = RootGuard(spec, root)
+        for image_id in examples.ids:
+            guard.check_image(examples.images.root, image_id, f"task '{spec.name}'")
     missing = examples.images.missing(examples.ids)
     if missing:
         raise DataError(missing_message(spec, root, missing, len(examples)))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from retbench.data.examples import Examples, FileImages, check_examples
+from retbench.data.examples import Examples, FileImages, RootGuard, check_examples
 from retbench.data.sources import LabelMapper, _need, _raw_key, patient_of, read_frame
 from retbench.data.splits import make_splits
 from retbench.errors import DataError
@@ -59,6 +59,8 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
     """Read the pairs of a ``kind: retrieval`` task (no check that the images exist, no split)."""
     assert spec.retrieval is not None, "read_pairs needs a retrieval task"
     src, sides = spec.source, spec.retrieval.sides
+    guard = RootGuard(spec, root)
+    guard.check_spec()
     mapper = LabelMapper(spec) if spec.classes else None
     values: dict[str, list[str]] = {s.name: [] for s in sides}
     labels, patients, given = [], [], []
@@ -83,6 +85,9 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
                     raise DataError(f"{where}: empty {what}; set source.drop_missing_labels: true to drop such rows")
                 dropped["missing_value"].append(where)
                 continue
+            for s in sides:
+                if s.type == "image":
+                    guard.check_image(image_root, str(row[s.name]), where, s.column)
             first_image = next(row[s.name] for s in sides if s.type == "image")
             patients.append(patient_of(spec, first_image, rec.get(src.patient_column) if src.patient_column else None))
             for s in sides:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from retbench.data.examples import Examples, FileImages, check_examples, missing_message
+from retbench.data.examples import Examples, FileImages, RootGuard, check_examples, missing_message
 from retbench.data.sources import (
     IMAGE_SUFFIXES,
     _drop_conflicts,
@@ -113,6 +113,8 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
     """Read the images of a ``kind: vqa`` task and their answers (no check that the images exist)."""
     assert spec.vqa is not None, "read_questions needs a vqa task"
     src, questions = spec.source, spec.vqa.questions
+    guard = RootGuard(spec, root)
+    guard.check_spec()
     dropped: dict[str, list[str]] = defaultdict(list)
     if src.kind == "folder":
         records, image_root = _folder_records(spec, root, dropped)
@@ -126,6 +128,8 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
     origins = []  # per kept record of a CSV: (file, row number)
     for where, split, rec in records:
         image_id = str(rec[image_column])
+        if src.kind != "folder":
+            guard.check_image(image_root, image_id, where, image_column)
         row = [m(rec[q.column], where) for m, q in zip(mappers, questions)]
         asked = [j for j, a in enumerate(row) if a is not None]
         if not asked:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retbench.data.examples import ArrayImages, Examples, FileImages, missing_message
+from retbench.data.examples import ArrayImages, Examples, FileImages, RootGuard, missing_message
 from retbench.errors import DataError
 from retbench.registry import Registry
 from retbench.spec import TaskSpec
@@ -160,6 +160,8 @@ def read_frame(spec: TaskSpec, root: Path, csv_path: Path) -> pd.DataFrame:
 def read_csv(spec: TaskSpec, root: Path) -> Examples:
     """CSV manifest(s): one row per image; ``files`` gives one CSV per given split."""
     src = spec.source
+    guard = RootGuard(spec, root)
+    guard.check_spec()
     files = src.files or {None: src.path}
     mapper = LabelMapper(spec)
     rows, dropped, origins = [], defaultdict(list), []
@@ -174,6 +176,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
         for i, rec in enumerate(frame.to_dict("records")):
             where = f"{csv_path}: row {i + 2}"
             image_id = str(rec[src.image_column])
+            guard.check_image(image_root, image_id, where, src.image_column)
             label = mapper(rec[src.label_column], where)
             if label is None:
                 if not src.drop_missing_labels:
@@ -232,6 +235,7 @@ def _drop_relabelled(spec: TaskSpec, rows: list, origins: list[tuple[Path, int]]
 @SOURCES.register("folder")
 def read_folder(spec: TaskSpec, root: Path) -> Examples:
     """Folder per class (optionally inside per-split folders): ``<path>[/<split>]/<class>/<image>``."""
+    RootGuard(spec, root).check_spec()
     src = spec.source
     base = _need(root / src.path, spec, root, "folder")
     split_dirs = src.split_dirs or {None: ""}
@@ -268,6 +272,7 @@ def _drop_conflicts(rows: list, base: Path) -> tuple[list, list[str]]:
 @SOURCES.register("npz")
 def read_npz(spec: TaskSpec, root: Path) -> Examples:
     """``.npz`` with ``<split>_images`` and ``<split>_labels`` arrays (MedMNIST layout)."""
+    RootGuard(spec, root).check_spec()
     path = _need(root / spec.source.path, spec, root, "file")
     try:
         with np.load(path) as npz:
@@ -292,6 +297,7 @@ def read_npz(spec: TaskSpec, root: Path) -> Examples:
 @SOURCES.register("hf_disk")
 def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
     """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (DatasetDict = given splits)."""
+    RootGuard(spec, root).check_spec()
     import datasets
 
     src = spec.source

@@ -75,9 +75,20 @@ def parse_spec(path: Path) -> TaskSpec:
 
 def _shared_fields(r: Reader, path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """The TaskSpec fields every kind reads the same way (identity, grouping, prompt template, citation)."""
-    return {"name": r.get("name", str), "version": str(r.get("version", (int, str))), "file": str(path),
+    return {"name": _task_name(r), "version": str(r.get("version", (int, str))), "file": str(path),
             "description": r.get("description", str, ""), "groups": r.strings("groups", ()),
             "prompt_template": r.get("prompt_template", str, "{}"), "citation": r.get("citation", str, ""), "raw": raw}
+
+
+def _task_name(r: Reader) -> str:
+    """``name``, which names result folders, figures and sweep jobs: never a path (no ``/``, ``\\``, control
+    characters, nor a leading ``.``: ``..``, ``../x``)."""
+    name = r.get("name", str)
+    if not name.strip() or name.startswith(".") or any(c in name for c in "/\\") \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise r.fail("name", f"got {name!r}; a task name names files and folders, so it may not be empty, contain "
+                     "'/', '\\' or control characters, or start with '.'")
+    return name
 
 
 def _primary_metric(r: Reader, metrics: tuple[str, ...]) -> str:
