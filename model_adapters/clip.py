@@ -342,6 +342,10 @@ class OpenClipModelAdapter(Adapter):
             first.args = (f"{first.args[0]}; also accepted in its place: {', '.join(names[1:])}",)
         raise first
 
+    def checkpoint(self) -> Path | None:
+        """The file :meth:`build` reads (:meth:`find_checkpoint`), found without building."""
+        return None if self.random_init else self.find_checkpoint()
+
     def build(self) -> None:
         """The architecture with seeded random weights, then the checkpoint (unless ``--weights random``)."""
         path = None if self.random_init else self.find_checkpoint()  # fail fast, before building

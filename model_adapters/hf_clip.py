@@ -196,6 +196,22 @@ class HfClipAdapter(Adapter):
         self.weights_path = weights
         return weights.parent
 
+    def checkpoint(self) -> Path | None:
+        """The weights file :meth:`build` reads, found without building (None for a sharded or random model)."""
+        if self.random_init:
+            return None
+        if self.weights:
+            folder = Path(self.weights).expanduser()
+            if folder.is_file():
+                return folder
+            if not folder.exists():
+                raise RetbenchError(f"weights folder not found: {folder}")
+        elif self.tag.options.get("folder"):
+            folder = Path(self.tag.options["folder"])
+        else:
+            return self._hub_weights()
+        return next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+
     def _hub_weights(self) -> Path:
         first: RetbenchError | None = None
         for name in WEIGHT_NAMES:

@@ -69,6 +69,12 @@ class LocalAdapter(Adapter):
             filename=WEIGHTS_FILE, code="retbench.local_format", options={"folder": str(folder)},
         )
 
+    def checkpoint(self) -> Path | None:
+        """``--weights FILE``, else the folder's ``model.safetensors`` (what :meth:`build` reads), found without building."""
+        if self.random_init:
+            return None
+        return self.weights_file() if self.weights else Path(self.tag.options["folder"]) / WEIGHTS_FILE
+
     def build(self) -> None:
         """Build the timm model, text tower and projections from the config; load ``model.safetensors``."""
         import timm

@@ -97,6 +97,17 @@ class Adapter(ABC):
 
     def __init__(self, tag: WeightsTag, weights: str | None = None, device: str = "cpu",
                  precision: str = "release") -> None:
+        self._configure(tag, weights, device, precision)
+        self.build()
+
+    @classmethod
+    def unbuilt(cls, tag: WeightsTag, weights: str | None = None) -> Adapter:
+        """An instance whose network is not built: only for finding its files (:meth:`checkpoint`)."""
+        adapter = cls.__new__(cls)
+        adapter._configure(tag, weights, "cpu", "release")
+        return adapter
+
+    def _configure(self, tag: WeightsTag, weights: str | None, device: str, precision: str) -> None:
         self.tag = tag
         self.weights = weights
         self.device = torch.device(device)
@@ -106,7 +117,6 @@ class Adapter(ABC):
         self.autocast_dtype = self.release_autocast_dtype() if precision == "release" else AUTOCAST[precision]
         self.preprocess: Preprocess = tag.preprocess
         self.weights_path: Path | None = None  # the checkpoint actually read, set by weights_file()
-        self.build()
 
     def release_autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype of the release's inference code: the tag's ``options["precision"]``, else the family's."""
@@ -147,6 +157,16 @@ class Adapter(ABC):
         if not aux:
             self.weights_path = path
         return path
+
+    def checkpoint(self) -> Path | None:
+        """The weights file :meth:`build` reads, found without building anything (None: it reads none).
+
+        Called on an :meth:`unbuilt` instance. The default covers families whose ``build`` reads
+        ``weights_file()``; families that find their checkpoint otherwise override it.
+        """
+        if self.random_init or self.weights == "hub" or not (self.weights or self.tag.filename):
+            return None
+        return self.weights_file()
 
     @property
     def name(self) -> str:
@@ -258,6 +278,28 @@ def run_name(name: str, weights: str | None) -> str:
     variant = weights_variant(cls, tag, weights)
     sep = ":" if cls.open_ended else "."
     return f"{family}{sep}{tag.name}" + (f"@{variant}" if variant else "")
+
+
+def weights_to_read(name: str, weights: str | None) -> Path | None:
+    """The checkpoint file model ``name`` with ``weights`` would read, found without building the network.
+
+    None when it reads no file (``classical``, random init, ``--weights hub``) or when the file
+    is not available here without downloading it (the model could not be built offline
+    either). A ``--weights`` path that does not exist is an error.
+    """
+    from retbench.weights import cached_files_only
+
+    family, tag_name = split_model_name(name)
+    cls = ADAPTERS.get(family)
+    tag = cls.resolve_tag(tag_name or cls.default_tag)
+    with cached_files_only():
+        try:
+            path = cls.unbuilt(tag, weights).checkpoint()
+        except RetbenchError:
+            if weights in (None, RANDOM, "hub"):
+                return None
+            raise
+    return path if path is not None and path.is_file() else None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

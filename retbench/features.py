@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retbench.adapters import Adapter
-from retbench.data.examples import Examples
+from retbench.data.examples import Examples, FileImages
 from retbench.errors import DataError
 from retbench.io import atomic_write_bytes, atomic_write_json
 from retbench.preprocess import Preprocess, normalize
@@ -179,36 +179,100 @@ def _path_of(examples: Examples, i: int) -> str:
     return str(images.path(examples.ids[i])) if hasattr(images, "path") else examples.ids[i]
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed; memoised per path, size, inode, mtime and ctime in this process."""
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+    if memo_key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _FILE_DIGESTS[memo_key] = digest.hexdigest()
+    return _FILE_DIGESTS[memo_key]
+
+
+def image_content_digest(examples: Examples) -> str:
+    """A digest of the bytes of every image, in order: the feature cache's content key.
+
+    Unlike :meth:`Examples.image_list_hash` (ids and sizes, recorded in results and compared by
+    the leaderboard), an image edited in place with the same byte size changes it. Files are
+    hashed once per process (:func:`file_digest`); in-memory arrays are hashed by their bytes.
+    """
+    images = examples.images
+    if isinstance(images, FileImages):
+        lines = []
+        for image_id in examples.ids:
+            try:
+                lines.append(f"{image_id}:{file_digest(images.path(image_id))}")
+            except OSError:
+                lines.append(f"{image_id}:unreadable")  # extract() fails on it, or skips and records it
+    else:
+        lines = images.fingerprint(examples.ids)  # the sha256 of the arrays' bytes, then the ids
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:24]
+
+
+def _checksum(key: str, values: np.ndarray) -> str:
+    """sha256 of an entry's key, dtype, shape and array bytes (stored with the entry, verified on load)."""
+    digest = hashlib.sha256(f"{key}|{values.dtype.str}|{values.shape}|".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
 class FeatureCache:
-    """Features on disk keyed by model, weights, preprocessing, task version and image list."""
+    """Features on disk keyed by model, weights, preprocessing, task version and image contents.
+
+    Each entry stores the checksum of its array (with its key, dtype and shape); an entry that
+    cannot be read or does not match is reported in one warning line and recomputed, never used.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     @staticmethod
-    def key(adapter: Adapter, preprocess: Preprocess, task: str, version: str, image_hash: str, joint: bool) -> str:
-        """Deterministic cache key (hex)."""
+    def key(adapter: Adapter, preprocess: Preprocess, task: str, version: str, image_hash: str, joint: bool,
+            content: str | None = None) -> str:
+        """Deterministic cache key (hex); ``content`` is :func:`image_content_digest` of the images."""
         ident = {
             "model": adapter.name, "weights": adapter.weights_identity(), "preprocess": preprocess.to_dict(),
             "task": task, "task_version": version, "images": image_hash, "space": "joint" if joint else "features",
         }
+        if content is not None:
+            ident["content"] = content
         if adapter.inference_precision != "fp32":  # autocast features are other numbers (fp32 keys stay as they were)
             ident["precision"] = adapter.inference_precision
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
-    def load(self, key: str) -> Features | None:
-        """Cached features or ``None``."""
+    def load(self, key: str, rows: int | None = None) -> Features | None:
+        """Cached features of ``rows`` examples, or ``None`` (absent, or damaged: warned, to be recomputed)."""
+        from retbench.store import warn
+
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
         if not (npy.is_file() and meta.is_file()):
             return None
-        info: dict[str, Any] = json.loads(meta.read_text())
-        return Features(np.load(npy), info.get("bad_ids", []), info.get("seconds", 0.0), True, key)
+        try:
+            info: dict[str, Any] = json.loads(meta.read_text())
+            values = np.load(npy, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - truncated, flipped or foreign bytes alike
+            warn(f"feature cache entry {npy} is damaged ({type(exc).__name__}); recomputing it")
+            return None
+        if not isinstance(info, dict) or info.get("checksum") != _checksum(key, values) \
+                or (rows is not None and values.shape[:1] != (rows,)):
+            warn(f"feature cache entry {npy} does not match its checksum (damaged or replaced); recomputing it")
+            return None
+        return Features(values, info.get("bad_ids", []), info.get("seconds", 0.0), True, key)
 
     def save(self, key: str, features: Features, info: dict[str, Any]) -> None:
-        """Write features then their metadata, each atomically (metadata last marks completion)."""
+        """Write features then their metadata with the checksum, each atomically (metadata last marks completion)."""
         import io
 
         buf = io.BytesIO()
         np.save(buf, features.values)
         atomic_write_bytes(self.root / f"{key}.npy", buf.getvalue())
-        atomic_write_json(self.root / f"{key}.json", {**info, "bad_ids": features.bad_ids, "seconds": features.seconds})
+        atomic_write_json(self.root / f"{key}.json", {**info, "bad_ids": features.bad_ids, "seconds": features.seconds,
+                                                      "shape": list(features.values.shape),
+                                                      "dtype": features.values.dtype.str,
+                                                      "checksum": _checksum(key, features.values)})

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from retbench.adapters import Adapter, canonical_model_name, load_model, run_name
+from retbench.adapters import Adapter, canonical_model_name, load_model, run_name, weights_to_read
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
 from retbench.errors import NotApplicableError, RetbenchError
-from retbench.features import FeatureCache, Features, extract
+from retbench.features import FeatureCache, Features, extract, image_content_digest
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context, Resampling, summarize
@@ -84,8 +84,9 @@ class FeatureSource:
     def _load(self, joint: bool) -> Features:
         spec, ex = self.task.spec, self.task.examples
         cache = FeatureCache(Path(self.config.cache_dir) / "features")
-        key = cache.key(self.adapter, self.preprocess, spec.name, spec.version, ex.image_list_hash(), joint)
-        if self.config.use_cache and (hit := cache.load(key)) is not None:
+        key = cache.key(self.adapter, self.preprocess, spec.name, spec.version, ex.image_list_hash(), joint,
+                        content=image_content_digest(ex))
+        if self.config.use_cache and (hit := cache.load(key, len(ex))) is not None:
             if hit.bad_ids and not self.config.skip_bad_images:
                 hit = None  # cached with skipped images; this run must fail on them instead
             else:
@@ -177,6 +178,7 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
     for model in config.models:
         adapter: Adapter | None = None
         stored_as = run_name(model, config.weights)
+        checkpoint: list[Path | None] = []  # the file this model reads, found (once) when a result already exists
         for task_name in config.tasks:
             spec = get_task(task_name)
             allowed = select_protocols(spec, config.protocols)
@@ -188,7 +190,9 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             for p in allowed:
                 path = result_path(results_root, stored_as, spec.name, p)
                 if path.exists() and not config.overwrite:
-                    if reason := stale_reason(path, spec.spec_hash):
+                    if not checkpoint:
+                        checkpoint.append(weights_to_read(model, config.weights))
+                    if reason := stale_reason(path, spec.spec_hash, checkpoint[0]):
                         raise RetbenchError(reason)
                     out.append(_report(Result({}, path, "existing", "result exists (use --overwrite)"), on_result))
                 else:

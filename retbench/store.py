@@ -41,13 +41,16 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     atomic_write_json(path, result)
 
 
-def stale_reason(path: Path, spec_hash: str | None = None) -> str | None:
+def stale_reason(path: Path, spec_hash: str | None = None, weights: Path | None = None) -> str | None:
     """Why the stored result ``path`` no longer describes its model or task, or None.
 
     A result records its task's version and spec hash, and the checkpoint file it was computed
-    from with that file's sha256. When the task spec changed, or the file is still there but its
-    bytes changed (a retrained ``local:`` folder, a replaced checkpoint), skipping the result as
-    finished would silently report old numbers under the new model or task.
+    from with that file's sha256. When the task spec changed, when ``weights`` (the file this run
+    would read) has other bytes than the recorded file had (another file of the same name, a
+    ``local:`` folder of the same name, a checkpoint replaced in place), or, with ``weights``
+    unknown, the recorded file is still there but its bytes changed, skipping the result as
+    finished would silently report old numbers under the new model or task. An identical copy
+    elsewhere is the same model.
     """
     from retbench.adapters import file_sha256
 
@@ -60,14 +63,29 @@ def stale_reason(path: Path, spec_hash: str | None = None) -> str | None:
         return (f"{path} was computed with another version of task '{task.get('name')}' (v{task.get('version')}, "
                 f"spec {task.get('spec_hash')}; now spec {spec_hash}): rerun with --overwrite, or use another "
                 "--results-dir to keep both")
-    recorded, weights = str(model.get("weights_identity") or ""), model.get("weights_path")
-    if not recorded.startswith("sha256:") or not weights or not Path(weights).is_file():
+    recorded = str(model.get("weights_identity") or "")
+    file = model.get("weights_path") or (model.get("weights") if model.get("weights") not in ("random", "hub") else None)
+    if not recorded.startswith("sha256:"):
         return None
-    now = file_sha256(Path(weights))
-    if recorded != f"sha256:{now}":
-        return (f"{path} was computed from another version of {weights} (sha256 {recorded[7:19]}…, the file is now "
+    if weights is None:
+        if not file or not Path(file).is_file():
+            return None
+        weights = Path(file)
+    now = file_sha256(weights)
+    if recorded == f"sha256:{now}":
+        return None
+    if file and _same_file(Path(file), weights):
+        return (f"{path} was computed from another version of {file} (sha256 {recorded[7:19]}…, the file is now "
                 f"{now[:12]}…): rerun with --overwrite, or use another --results-dir to keep both")
-    return None
+    return (f"{path} was computed from a different file, {file} (sha256 {recorded[7:19]}…), than this run's {weights} "
+            f"(sha256 {now[:12]}…): rerun with --overwrite, or use another --results-dir to keep both")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.expanduser().resolve() == b.expanduser().resolve()
+    except OSError:
+        return False
 
 
 REQUIRED_KEYS = ("model.name", "task.name", "task.version", "protocol.name", "primary_metric", "metrics", "runs")
@@ -120,6 +138,11 @@ def iter_results(root: Path, keys: tuple[str, ...] = REQUIRED_KEYS) -> Iterator[
         if (missing := missing_key(data, keys)) is not None:
             warn(f"{path}: not a complete result (no key '{missing}'); left out (delete it or rerun with --overwrite)")
             continue
+        protocol = data["protocol"]["name"]
+        if not isinstance(protocol, str) or safe_name(protocol) != protocol:  # leaderboards are files named by it
+            warn(f"{path}: protocol name {protocol!r} is not a file name (letters, digits, '.', '_', '-'; not "
+                 "starting with '.'); left out (not a result retbench wrote)")
+            continue
         data["_path"] = str(path)
         yield data
 
@@ -138,11 +161,6 @@ def results_table(root: Path) -> pd.DataFrame:
             "protocol": r["protocol"]["name"], "primary_metric": r["primary_metric"],
             "primary": number(r["metrics"][r["primary_metric"]]["mean"]), "n_test": r["data"]["n_test"],
             "seeds": len({run["seed"] for run in r["runs"]}), "k": r.get("headline_k"), "created": r["created"],
-        protocol = data["protocol"]["name"]
-        if not isinstance(protocol, str) or safe_name(protocol) != protocol:  # leaderboards are files named by it
-            warn(f"{path}: protocol name {protocol!r} is not a file name (letters, digits, '.', '_', '-'; not "
-                 "starting with '.'); left out (not a result retbench wrote)")
-            continue
             "path": r["_path"],
         }
         for name, m in r["metrics"].items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,27 @@ def weights_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+_CACHED_ONLY = False
+
+
+@contextmanager
+def cached_files_only() -> Iterator[None]:
+    """Within this block the hub lookup never downloads (finding a file to hash it must not fetch gigabytes)."""
+    global _CACHED_ONLY
+    before, _CACHED_ONLY = _CACHED_ONLY, True
+    try:
+        yield
+    finally:
+        _CACHED_ONLY = before
+
+
 def _hub_file(hub_id: str, filename: str) -> Path | None:
     """``filename`` of hub repo ``hub_id`` from the Hugging Face cache, downloading only when online."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - transformers depends on it
         return None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _CACHED_ONLY or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at import
     for local_only in (True,) if offline else (True, False):
         try:

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from model_adapters.clip import ClipAdapter, load_strict, read_torchscript_state_dict
-from retbench.adapters import load_model
+from retbench.adapters import load_model, weights_to_read
 from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, normalize
 from retbench.spec import parse_spec
@@ -117,6 +117,7 @@ def test_clip_b32_open_clip_safetensors_via_env(offline, b32):
     save_file({k: v.contiguous() for k, v in b32.state_dict().items()}, hub_dir / "open_clip_model.safetensors")
     adapter = load_model("clip")  # $RETBENCH_WEIGHTS/<hub id>/open_clip_model.safetensors
     assert adapter.name == "clip.vit-b-32" and adapter.weights_path == hub_dir / "open_clip_model.safetensors"
+    assert weights_to_read("clip", None) == adapter.weights_path  # found without building (result identity check)
     assert adapter.describe()["weights_identity"].startswith("sha256:")
     assert_same(adapter, image_ref, text_ref, joint=True)
 
@@ -139,6 +140,7 @@ def test_clip_l14_via_family_tag_folder(offline):
     del ref
     gc.collect()
     adapter = load_model("clip.vit-l-14")
+    assert weights_to_read("clip.vit-l-14", None) == adapter.weights_path
     assert image_ref.shape == (1, 768) and text_ref.shape == (2, 768)
     assert_same(adapter, image_ref, text_ref)
     del adapter
@@ -375,6 +377,7 @@ def hf_reference(model, folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, to
 def test_hf_clip_local_folder_matches_clipmodel(tiny_hf_clip):
     folder, model, processor = tiny_hf_clip
     adapter = load_model(f"hf_clip:{folder}")
+    assert weights_to_read(f"hf_clip:{folder}", None) == adapter.weights_path == folder / "model.safetensors"
     assert adapter.preprocess == Preprocess(size=64, resize="resize_crop", interpolation="bilinear", crop_pct=64 / 72,
                                             mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     # the harness's preprocessing reproduces CLIPImageProcessor's pixels (a smooth 150 x 100 image)
@@ -399,6 +402,7 @@ def test_hf_clip_hub_id_from_retbench_weights_and_explicit_folder(tiny_hf_clip, 
     for weights in (None, str(folder)):
         adapter = load_model("hf_clip:org/tiny-clip", weights=weights)
         assert adapter.preprocess.size == 64 and adapter.weights_path.name == "model.safetensors"
+        assert weights_to_read("hf_clip:org/tiny-clip", weights) == adapter.weights_path
         torch.testing.assert_close(adapter.encode_image(x), image_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(adapter.encode_text(TEXTS), text_ref, rtol=0, atol=1e-6)
     with pytest.raises(WeightsMissingError, match="model.safetensors.*huggingface.co/org/absent"):
