@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from retbench.errors import RetbenchError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -37,9 +39,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never half of one.
 
     The file's mode is ``0o666 & ~umask``, as ``open()`` would have made it, set before the rename.
+    A write that fails (a full disk, a quota, a folder turned read-only) removes its temporary file,
+    leaves ``path`` as it was and raises one :class:`RetbenchError` line naming ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise RetbenchError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~current_umask())
@@ -47,8 +54,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RetbenchError(f"cannot write {path}: {exc.strerror or exc}; nothing was half-written "
+                                "(free space or choose another folder, then rerun: finished work is kept)") from None
         raise
 
 

@@ -21,16 +21,28 @@ def load_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise RetbenchError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise RetbenchError(f"weights file {path} is empty (0 bytes): an interrupted download or copy?")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError for truncated or foreign bytes, OSError
+            raise RetbenchError(f"{path}: not a readable safetensors file (truncated or damaged?): "
+                                f"{_first_line(exc)}") from None
     try:
         # training scripts (MAE, DINO, iBOT) store their argparse.Namespace beside the weights: a plain attribute bag
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise RetbenchError(f"cannot load weights {path} safely: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise RetbenchError(f"cannot load weights {path} safely: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (some errors have an empty message)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _is_zip(path: Path) -> bool:

@@ -353,3 +353,70 @@ def test_no_cache_skips_the_cache_check(tmp_path: Path, capsys: pytest.CaptureFi
     code, _, err = _run(capsys, "run", "-m", "classical", "-t", "eye4class", "-p", "retrieval.zero_shot", "--no-cache",
                         "--cache-dir", str(tmp_path / "afile" / "c"), "--results-dir", str(tmp_path / "r"))
     assert "does not apply" in err and "is a file" not in err  # got past the folder checks
+
+
+# ------------------------------------------------------------------ 7. damaged checkpoints and a full disk
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict:
+    import timm
+
+    return {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+
+
+def _damaged(kind: str, folder: Path, state: dict) -> Path:
+    import torch
+    from safetensors.torch import save
+
+    blob = save(state)
+    files = {"truncated.safetensors": blob[: len(blob) // 2], "garbage.safetensors": b"not a safetensors file at all",
+             "empty.pth": b"", "empty.safetensors": b""}
+    path = folder / kind
+    if kind == "wrong_shapes.pth":
+        torch.save({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, path)
+    else:
+        path.write_bytes(files[kind])
+    return path
+
+
+@pytest.mark.parametrize(("kind", "needle"), [
+    ("truncated.safetensors", "not a readable safetensors file (truncated or damaged?): SafetensorError"),
+    ("garbage.safetensors", "not a readable safetensors file (truncated or damaged?): SafetensorError"),
+    ("empty.pth", "is empty (0 bytes): an interrupted download or copy?"),
+    ("empty.safetensors", "is empty (0 bytes)"),
+    ("wrong_shapes.pth", "tensor 'conv1.weight' has shape (64, 3, 3, 3), timm:resnet18 expects (64, 3, 7, 7)"),
+])
+def test_damaged_checkpoint_is_one_line(kind: str, needle: str, resnet18_state: dict, tmp_path: Path,
+                                        tiny_task: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    path = _damaged(kind, tmp_path, resnet18_state)
+    spec, root = tiny_task
+    err = _one_error(capsys, "run", "-m", "timm:resnet18", "--weights", str(path), "-t", str(spec), "--data-root",
+                     str(root), "-p", "linear_probe", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"))
+    assert str(path) in err and needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path: Path, tiny_task: tuple[Path, Path],
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import retbench.io
+
+    spec, root = tiny_task
+    argv = ["run", "-m", "classical", "-t", str(spec), "-p", "linear_probe", "--seeds", "1", "--data-root", str(root),
+            "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(retbench.io.os, "fsync", full)
+    err = _one_error(capsys, *argv)
+    assert "error: cannot write " in err and "No space left on device; nothing was half-written" in err
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != root and root not in p.parents
+                 and p != spec]
+    assert leftovers == []  # no temporary file, no partial cache entry, no result
+    monkeypatch.undo()  # space freed: the same command finishes
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and "1 written" in err, err

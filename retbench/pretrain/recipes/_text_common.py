@@ -55,13 +55,13 @@ def build_vision(settings: Any) -> tuple[nn.Module, dict[str, Any]]:
 def load_local_vision(folder: str, image_size: int) -> tuple[nn.Module, dict[str, Any]]:
     """The image encoder of a ``local:`` model folder, at ``image_size`` for ViTs."""
     import timm
-    from safetensors.torch import load_file
 
     from retbench.local_format import read_local_config
+    from retbench.weights import load_checkpoint
 
     cfg = read_local_config(folder)
     kwargs = dict(cfg.timm_kwargs)
-    state = {k.removeprefix("visual."): v for k, v in load_file(str(cfg.weights_path)).items() if k.startswith("visual.")}
+    state = {k.removeprefix("visual."): v for k, v in load_checkpoint(cfg.weights_path).items() if k.startswith("visual.")}
     if not state:
         raise RetbenchError(f"{cfg.weights_path}: no visual.* tensors to initialise the vision encoder from")
     probe = timm.create_model(cfg.timm_name, num_classes=0, **kwargs)
