@@ -185,3 +185,16 @@ def test_task_mean_wilcoxon_cannot_reject_with_few_tasks() -> None:
     rng = np.random.default_rng(3)
     a, b = rng.random(6) + 1.0, rng.random(6)
     assert wilcoxon_test(a, b).p_value == pytest.approx(0.03125)
+
+
+@pytest.mark.parametrize("name", ["aca", "auroc", "balanced_accuracy", "aupr"])
+@pytest.mark.parametrize("shift", [-0.9, 6.0])  # a model at chance, one nearly perfect
+def test_interval_stays_inside_the_metric_range(name: str, shift: float) -> None:
+    """A t interval over 3 few-shot seeds put ACA at 0.225–1.132 and AUROC below 0; a percentile bootstrap of
+    metric values cannot leave [0, 1], even on 12 test images with seeds far apart."""
+    rng = np.random.default_rng(7)
+    runs = _runs(rng, 3, 12, 2, shift)
+    runs[0] = rs.RunPredictions(runs[0].key, runs[0].index, runs[0].y, runs[0].proba[:, ::-1].copy())  # one bad seed
+    iv = rs.bootstrap(METRICS.get(name), runs, None, seed=0)
+    assert 0.0 <= iv.low <= iv.high <= 1.0
+    assert np.nanmin(iv.distribution) >= 0.0 and np.nanmax(iv.distribution) <= 1.0

@@ -23,8 +23,9 @@ def _curve_points(result: dict[str, Any], metric: str) -> list[tuple[int, float,
         arr = np.array([v for v in vals if np.isfinite(v)])
         if arr.size == 0:
             continue
-        if arr.size >= 2:
+        if arr.size >= 2:  # spread of support sets; kept inside the metrics' [0, 1] scale (kappa may go below 0)
             low, high, _ = t_interval(arr)
+            low, high = max(low, min(0.0, float(arr.min()))), min(high, max(1.0, float(arr.max())))
             points.append((k, float(arr.mean()), low, high))
         else:
             points.append((k, float(arr.mean()), None, None))
