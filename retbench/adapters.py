@@ -23,7 +23,7 @@ import torch
 from retbench.config import PRECISIONS
 from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FundusCrop, Preprocess
-from retbench.registry import Registry
+from retbench.registry import Contract, Registry
 from retbench.weights import RANDOM, resolve_file
 
 if TYPE_CHECKING:
@@ -316,7 +316,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return _SHA_MEMO[memo_key]
 
 
-ADAPTERS: Registry[type[Adapter]] = Registry("model", entry_point_group="retbench.adapters")
+ADAPTERS: Registry[type[Adapter]] = Registry("model", entry_point_group="retbench.adapters",
+                                             contract=Contract("retbench.adapters.Adapter", subclass_of=Adapter))
 _discovered = False
 
 

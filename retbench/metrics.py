@@ -19,7 +19,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from retbench import weighted_metrics as wm
-from retbench.registry import Registry
+from retbench.registry import Contract, Registry
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Metric:
         return self.fn(np.asarray(y_true), np.asarray(proba))
 
 
-METRICS: Registry[Metric] = Registry("metric", entry_point_group="retbench.metrics")
+METRICS: Registry[Metric] = Registry("metric", entry_point_group="retbench.metrics",
+                                     contract=Contract("retbench.metrics.Metric", instance_of=Metric))
 
 
 def metric(name: str, description: str, higher_is_better: bool = True, per_class: bool = False,

@@ -3,6 +3,9 @@
 Entries register where they are defined (``@REGISTRY.register("name")``), may be lazy
 (``"package.module:Attr"`` strings imported on first use), and third-party packages can
 add entries through an entry-point group. Unknown names get "did you mean" suggestions.
+A registry may hold its entries to a :class:`Contract`: an entry that does not satisfy it is
+refused with one line naming the entry and what it lacks (eager entries when registered,
+lazy and entry-point ones when first used).
 """
 
 from __future__ import annotations
@@ -11,22 +14,87 @@ import difflib
 import fnmatch
 import importlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from retbench.errors import UnknownNameError
+from retbench.errors import RetbenchError, UnknownNameError
 
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    """A name → object mapping with lazy entries, globbing and helpful errors."""
+@dataclass(frozen=True)
+class Contract:
+    """What every entry of a registry group must be.
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    ``name`` names the contract in errors (the class that defines it). An entry must be a subclass
+    of ``subclass_of`` and an instance of ``instance_of`` (when given; a class is no instance, so
+    ``object`` asks for any instance), have every attribute of ``members`` and every callable of
+    ``methods``, and pass ``check`` (which returns what is wrong, or None).
+    """
+
+    name: str
+    members: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    subclass_of: type | None = None
+    instance_of: type | None = None
+    check: Callable[[Any], str | None] | None = None
+
+    @classmethod
+    def of_protocol(cls, protocol: type, check: Callable[[Any], str | None] | None = None) -> Contract:
+        """The contract of a ``typing.Protocol`` class: its annotated attributes and its methods, on an
+        instance (not a class)."""
+        members: list[str] = []
+        methods: list[str] = []
+        for base in reversed(protocol.__mro__):
+            if base.__module__ in ("typing", "builtins", "typing_extensions"):
+                continue
+            members += [n for n in base.__dict__.get("__annotations__", {}) if n not in members]
+            methods += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_") and n not in methods]
+        return cls(f"{protocol.__module__}.{protocol.__qualname__}", tuple(members), tuple(methods),
+                   check=check, instance_of=object)
+
+    def problem(self, entry: Any) -> str | None:
+        """What keeps ``entry`` from satisfying the contract (None: nothing)."""
+        if self.subclass_of is not None and not (isinstance(entry, type) and issubclass(entry, self.subclass_of)):
+            return f"it is not a subclass of {_qualified(self.subclass_of)}"
+        if self.instance_of is not None and (isinstance(entry, type) or not isinstance(entry, self.instance_of)):
+            what = "a class" if isinstance(entry, type) else f"a {type(entry).__name__}"
+            return f"it is {what}, not an instance of {_qualified(self.instance_of)}"
+        for member in (*self.members, *self.methods):
+            if not hasattr(entry, member):
+                return f"it has no member '{member}'"
+        for method in self.methods:
+            if not callable(getattr(entry, method)):
+                return f"its member '{method}' is not callable"
+        return self.check(entry) if self.check is not None else None
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Registry(Generic[T]):
+    """A name → object mapping with lazy entries, globbing, helpful errors and an optional contract.
+
+    ``contract`` (a :class:`Contract`, or ``"module:Attr"`` naming one, imported on first use)
+    is what every entry must satisfy.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, contract: Contract | str | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self._contract = contract
         self._items: dict[str, T | str] = {}
         self._entry_points_loaded = entry_point_group is None
+
+    @property
+    def contract(self) -> Contract | None:
+        """The contract entries must satisfy (None: any object)."""
+        if isinstance(self._contract, str):
+            module, _, attr = self._contract.partition(":")
+            self._contract = getattr(importlib.import_module(module), attr)
+        return self._contract  # type: ignore[return-value]
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; used bare or as a decorator."""
@@ -50,7 +118,18 @@ class Registry(Generic[T]):
         existing = self._items.get(name)
         if existing is not None and existing is not obj and not isinstance(existing, str):
             raise ValueError(f"{self.kind} '{name}' is already registered")
+        if not isinstance(obj, str):
+            self._check(name, obj)
         self._items[name] = obj
+
+    def _check(self, name: str, obj: Any, target: str | None = None) -> None:
+        """Refuse ``obj`` under ``name`` unless it satisfies the contract (one line naming what it lacks)."""
+        contract = self.contract
+        if contract is None or (problem := contract.problem(obj)) is None:
+            return
+        origin = f" ({target})" if target else ""
+        raise RetbenchError(f"{self.kind} '{name}'{origin} does not satisfy the {self.kind} contract "
+                            f"{contract.name}: {problem}")
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -60,15 +139,17 @@ class Registry(Generic[T]):
             self._items.setdefault(ep.name, ep.value)
 
     def get(self, name: str) -> T:
-        """Return the entry called ``name`` or raise with suggestions."""
+        """Return the entry called ``name`` or raise with suggestions (or, for an entry that does not
+        satisfy the contract, with what it lacks)."""
         self._load_entry_points()
         if name not in self._items:
             raise UnknownNameError(self.unknown_message(name))
         item = self._items[name]
         if isinstance(item, str):
             module, _, attr = item.partition(":")
-            item = getattr(importlib.import_module(module), attr)
-            self._items[name] = item
+            loaded = getattr(importlib.import_module(module), attr)
+            self._check(name, loaded, item)
+            self._items[name] = item = loaded
         return item
 
     def unknown_message(self, name: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 import retbench.registry as registry_module
 from retbench.errors import RetbenchError, UnknownNameError
-from retbench.registry import Registry
+from retbench.registry import Contract, Registry
 
 
 def test_register_bare_and_as_decorator() -> None:
@@ -116,3 +116,33 @@ def test_shipped_registries_hold_their_entries() -> None:
     assert SOURCES.names() == ["csv", "folder", "hf_disk", "npz"]
     with pytest.raises(UnknownNameError, match="did you mean 'tinyclip'"):
         ADAPTERS.get("tinyclp")
+
+
+# ---------------------------------------------------------------- contracts
+
+
+def test_generic_contract_names_the_entry_and_the_missing_member() -> None:
+    reg: Registry = Registry("widget", contract=Contract("my.Widget", members=("size",), methods=("spin",)))
+    reg.register("good", SimpleNamespace(size=1, spin=lambda: 0))
+    with pytest.raises(RetbenchError) as info:
+        reg.register("bad", SimpleNamespace(size=1))
+    assert str(info.value) == "widget 'bad' does not satisfy the widget contract my.Widget: it has no member 'spin'"
+    with pytest.raises(RetbenchError, match="its member 'spin' is not callable"):
+        reg.register("stiff", SimpleNamespace(size=1, spin=3))
+    assert reg.names() == ["good"]  # refused entries are not registered
+
+
+def test_shipped_adapters_and_metrics_satisfy_their_contracts() -> None:
+    from retbench.adapters import ADAPTERS, Adapter, discover_adapters
+    from retbench.metrics import METRICS
+
+    discover_adapters()
+    assert all(issubclass(ADAPTERS.get(n), Adapter) for n in ADAPTERS.names())
+    assert len(METRICS.names()) > 10 and all(METRICS.get(n).name == n for n in METRICS.names())
+    with pytest.raises(RetbenchError, match="model 'not_an_adapter' does not satisfy the model contract "
+                                            "retbench.adapters.Adapter: it is not a subclass of retbench.adapters.Adapter"):
+        ADAPTERS.register("not_an_adapter", object)
+    with pytest.raises(RetbenchError, match="metric 'half' does not satisfy the metric contract retbench.metrics.Metric: "
+                                            "it is a function, not an instance of retbench.metrics.Metric"):
+        METRICS.register("half", lambda y, p: 0.5)
+    assert "not_an_adapter" not in ADAPTERS and "half" not in METRICS
