@@ -53,13 +53,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from retbench.adapters import Adapter, WeightsTag, register_adapter
+from retbench.adapters import Adapter, WeightsTag, ZeroShotSetup, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
 from retbench.weights import WeightsMissingError, load_state_dict, resolve_file
 
 if TYPE_CHECKING:
-    from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
 
 HUB_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -201,7 +200,5 @@ class BiomedClipAdapter(Adapter):
 
     def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
         """Model card: ``"this is a photo of " + class name``, one prompt per class, scale ``exp(logit_scale)``."""
-        from retbench.protocols.base import ZeroShotSetup
-
         prompts = [[PROMPT_PREFIX + c.name] for c in spec.classes]
         return ZeroShotSetup(prompts, renormalize=True, logit_scale=float(self.model.logit_scale.detach().exp()))

@@ -43,11 +43,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from model_adapters.clip import CLIP_PREPROCESS, OpenClipModelAdapter
-from retbench.adapters import WeightsTag, register_adapter
+from retbench.adapters import WeightsTag, ZeroShotSetup, register_adapter
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 if TYPE_CHECKING:
-    from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
 
 EYECLIP_FILE = "eyeclip_visual.pt"
@@ -97,6 +96,4 @@ class EyeClipAdapter(OpenClipModelAdapter):
 
     def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
         """EyeCLIP's ``zero_shot.py``: the class names themselves, one prompt each, scale 100."""
-        from retbench.protocols.base import ZeroShotSetup
-
         return ZeroShotSetup([[c.name] for c in spec.classes], renormalize=True, logit_scale=100.0)

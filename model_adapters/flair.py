@@ -83,13 +83,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retbench.adapters import Adapter, WeightsTag, register_adapter
+from retbench.adapters import Adapter, WeightsTag, ZeroShotSetup, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import Preprocess
 from retbench.weights import load_state_dict
 
 if TYPE_CHECKING:
-    from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
 
 # config.json of huggingface.co/emilyalsentzer/Bio_ClinicalBERT (the text encoder FLAIR fine-tuned)
@@ -297,8 +296,6 @@ class FlairAdapter(Adapter):
 
     def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
         """FLAIR's domain-knowledge zero-shot: descriptions (+ class name) in its caption, no renormalisation."""
-        from retbench.protocols.base import ZeroShotSetup
-
         prompts = [[CAPTION.format(d) for d in flair_descriptions(c.name, c.prompts)] for c in spec.classes]
         scale = float(self.net.logit_scale.detach().float().exp())
         return ZeroShotSetup(prompts, renormalize=False, logit_scale=scale, encode_class=self.encode_class_prompts)

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from retbench.adapters import Adapter, WeightsTag, register_adapter
+from retbench.adapters import Adapter, WeightsTag, ZeroShotSetup, register_adapter
 from retbench.errors import RetbenchError
 from retbench.local_format import WEIGHTS_FILE, LocalFormatError, LocalModelConfig, read_local_config
 
 if TYPE_CHECKING:
-    from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
 
 USAGE = "local:PATH names a folder written by retbench's trainers (retbench_model.json + model.safetensors)"
@@ -178,8 +177,6 @@ class LocalAdapter(Adapter):
     def zero_shot_setup(self, spec: TaskSpec) -> ZeroShotSetup:
         """CLIP's convention with the stored temperature ``exp(logit_scale)`` when there is one."""
         import math
-
-        from retbench.protocols.base import ZeroShotSetup
 
         scale = math.exp(self.logit_scale) if self.logit_scale is not None else 100.0
         return ZeroShotSetup(spec.class_prompts(), renormalize=True, logit_scale=scale)

@@ -14,10 +14,12 @@ import hashlib
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from retbench.config import PRECISIONS
@@ -27,11 +29,25 @@ from retbench.registry import Contract, Registry
 from retbench.weights import RANDOM, resolve_file
 
 if TYPE_CHECKING:
-    from retbench.protocols.base import ZeroShotSetup
     from retbench.spec import TaskSpec
 
 
 AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ZeroShotSetup:
+    """A model's zero-shot convention: its prompts per class, class-mean renormalisation, logit scale.
+
+    ``encode_class``, when set, embeds one class's prompts together (FLAIR pads a class's
+    descriptions to their longest and the padding enters its mean pooling), returning (n, D).
+    What :meth:`Adapter.zero_shot_setup` returns and the ``zero_shot`` protocol follows.
+    """
+
+    prompts: list[list[str]]
+    renormalize: bool = True
+    logit_scale: float = 100.0
+    encode_class: Callable[[list[str]], np.ndarray] | None = None
 
 
 def check_precision(precision: str) -> None:
@@ -207,8 +223,6 @@ class Adapter(ABC):
         renormalised, scale 100. Adapters override it where their release differs (FLAIR's
         caption and un-renormalised means, EyeCLIP's bare class names, learned scales).
         """
-        from retbench.protocols.base import ZeroShotSetup
-
         return ZeroShotSetup(spec.class_prompts())
 
     def weights_identity(self) -> str:

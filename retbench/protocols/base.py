@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,19 +16,8 @@ from retbench.progress import progress_bar
 from retbench.solver import balanced_weights, fit_logistic
 from retbench.spec import TaskSpec
 
-
-@dataclass(frozen=True)
-class ZeroShotSetup:
-    """A model's zero-shot convention: its prompts per class, class-mean renormalisation, logit scale.
-
-    ``encode_class``, when set, embeds one class's prompts together (FLAIR pads a class's
-    descriptions to their longest and the padding enters its mean pooling), returning (n, D).
-    """
-
-    prompts: list[list[str]]
-    renormalize: bool = True
-    logit_scale: float = 100.0
-    encode_class: Callable[[list[str]], np.ndarray] | None = None
+if TYPE_CHECKING:
+    from retbench.adapters import ZeroShotSetup
 
 
 @dataclass

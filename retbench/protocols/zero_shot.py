@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retbench.protocols.base import Context, ProtocolOutput, ZeroShotSetup, evaluate_runs
+from retbench.adapters import ZeroShotSetup
+from retbench.protocols.base import Context, ProtocolOutput, evaluate_runs
 
 
 def class_embeddings(encode_text, prompts: list[list[str]], renormalize: bool = True, encode_class=None) -> np.ndarray:
