@@ -13,7 +13,8 @@ Everything here is a pure function of numbers or of stored results:
 - :func:`delong_test` and :func:`delong_test_ovr` — DeLong, DeLong & Clarke-Pearson (1988) for two
   correlated AUROCs on the same test set, with the midrank algorithm of Sun & Xu (2014);
 - :func:`check_comparable` — refuses to compare results made under different task versions,
-  splits or protocol settings, naming what differs.
+  splits or protocol settings, naming what differs;
+- :func:`t_interval` — the Student-t interval of the mean of a few values (few-shot curves).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -528,3 +530,22 @@ def check_comparable(results: Sequence[Mapping[str, Any]]) -> None:
             f"cannot compare the results for {where}: " + "; ".join(problems)
             + ". Rerun the outdated results with `retbench run ... --overwrite`."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The t-interval of a few values
+# --------------------------------------------------------------------------------------------
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Student-t interval of the mean of a few values: ``(low, high, standard error)``.
+
+    For spreads without test predictions to resample (a few-shot curve's support sets per k);
+    results and leaderboards take their CIs from :mod:`retbench.resampling`.
+    """
+    arr = np.asarray(values, dtype=float)
+    n = len(arr)
+    se = float(np.std(arr, ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    mean = float(np.mean(arr))
+    return mean - half, mean + half, se

@@ -320,3 +320,13 @@ def test_comparability_names_what_differs() -> None:
     assert images and images[0].startswith("test images per run differs")
     with pytest.raises(RetbenchError, match="cannot compare the results for t / linear_probe: task version differs"):
         stats.check_comparable([base, _result("b", task__version="2")])
+
+
+# ---- t-interval (few-shot curves) -------------------------------------------------------------
+
+
+def test_t_interval_is_scipys_student_interval() -> None:
+    values = np.array([0.61, 0.58, 0.66, 0.7, 0.55])
+    low, high, se = stats.t_interval(values)
+    ref = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
+    assert (low, high) == pytest.approx(ref) and se == pytest.approx(sps.sem(values))

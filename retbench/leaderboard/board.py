@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from retbench import resampling as rs
 from retbench import stats
@@ -175,14 +173,6 @@ def run_predictions(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.nda
     if not pred:
         return None
     return np.asarray(pred["index"]), np.asarray(pred["y_true"]), np.asarray(pred["proba"], dtype=float)
-
-
-def t_interval(values: np.ndarray) -> tuple[float, float, float]:
-    n = len(values)
-    se = float(np.std(values, ddof=1) / math.sqrt(n))
-    half = float(sps.t.ppf(0.975, n - 1)) * se
-    mean = float(np.mean(values))
-    return mean - half, mean + half, se
 
 
 def resampling_of(result: dict[str, Any]) -> tuple[dict[int, int] | None, str, int]:

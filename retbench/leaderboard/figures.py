@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from retbench import stats
-from retbench.leaderboard.board import Board, headline_runs, run_predictions, run_value, stored_or, t_interval
+from retbench.leaderboard.board import Board, headline_runs, run_predictions, run_value, stored_or
 from retbench.leaderboard.render import column_label
 from retbench.store import safe_name
 
@@ -24,7 +24,7 @@ def _curve_points(result: dict[str, Any], metric: str) -> list[tuple[int, float,
         if arr.size == 0:
             continue
         if arr.size >= 2:  # spread of support sets; kept inside the metrics' [0, 1] scale (kappa may go below 0)
-            low, high, _ = t_interval(arr)
+            low, high, _ = stats.t_interval(arr)
             low, high = max(low, min(0.0, float(arr.min()))), min(high, max(1.0, float(arr.max())))
             points.append((k, float(arr.mean()), low, high))
         else:
