@@ -25,11 +25,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retbench.metrics import Metric
+
+if TYPE_CHECKING:
+    from retbench.data.examples import Examples
+    from retbench.spec import TaskSpec
 
 RESAMPLES = 1000
 """Bootstrap replicates of every CI and paired test."""
@@ -88,6 +92,31 @@ class Interval:
 def task_seed(task: str) -> int:
     """The bootstrap seed of a task: fixed, and different between tasks (independent draws per task)."""
     return zlib.crc32(task.encode()) % (2 ** 31)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How a task's test images group into resampling units: ``cluster_of`` maps an example index to
+    its unit (patient), ``unit`` names it; ``seed`` is the task's fixed bootstrap seed."""
+
+    cluster_of: dict[int, Any] | None
+    unit: str
+    seed: int
+
+    @classmethod
+    def of(cls, spec: TaskSpec, examples: Examples) -> Resampling:
+        """Patients (the split groups) where the task splits by patient and ids exist, else images."""
+        patients = list(examples.patients)
+        if spec.splits.by_patient and len(set(patients)) < len(patients):
+            return cls(dict(enumerate(patients)), "patient", task_seed(spec.name))
+        return cls(None, "image", task_seed(spec.name))
+
+    def to_dict(self, index: Any) -> dict[str, Any]:
+        """The units of the test images ``index`` (every image the runs scored), coded in order of first appearance."""
+        index = sorted({int(i) for i in index})
+        codes: dict[Any, int] = {}
+        cluster = [codes.setdefault(self.cluster_of[i] if self.cluster_of else i, len(codes)) for i in index]
+        return {"unit": self.unit, "seed": self.seed, "n_units": len(codes), "index": index, "cluster": cluster}
 
 
 def draw(n_clusters: int, n_runs: int, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

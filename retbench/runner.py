@@ -1,4 +1,9 @@
-"""Orchestration: models × tasks × protocols → result files (skipping finished work)."""
+"""Orchestration: models × tasks × protocols → result files (skipping finished work).
+
+Every protocol, whatever the kind of task, goes through :func:`run_protocol`: one
+:class:`~retbench.protocols.base.Context`, the protocol's ``run``, one summary
+(:func:`retbench.stats.summarize`) and one result record.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,26 @@ from typing import Any
 
 import numpy as np
 
+from retbench import resampling as rs
 from retbench.adapters import Adapter, canonical_model_name, load_model, run_name, weights_to_read
 from retbench.config import DEFAULT_PROTOCOLS, RunConfig
 from retbench.data import Examples, data_root, load_examples, make_splits
 from retbench.environment import environment, resolve_device
 from retbench.errors import NotApplicableError, RetbenchError
 from retbench.features import FeatureCache, Features, extract, image_content_digest
+from retbench.metrics import METRICS
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
-from retbench.protocols.base import Context, Resampling, summarize
+from retbench.protocols.base import Context, EvaluationProtocol, ProtocolOutput, Run
+from retbench.resampling import Resampling
 from retbench.spec import TaskSpec
+from retbench.stats import summarize
 from retbench.store import result_path, stale_reason, write_result
 from retbench.tasks import get_task
 
 SCHEMA_VERSION = 1
+IMAGE = "image"
+"""The image side of classification and VQA tasks (retrieval tasks name theirs)."""
 
 
 @dataclass
@@ -57,12 +68,35 @@ class Result:
 
 @dataclass
 class TaskData:
-    """A task's spec, examples and splits, loaded once and shared by all protocols and models."""
+    """A task's spec, examples and splits, loaded once and shared by all protocols and models.
+
+    ``splits`` index the evaluated items: images, or the pairs of a retrieval task; ``data`` is
+    the task's own structure (retrieval: the :class:`~retbench.data.pairs.PairData`; VQA: the
+    :class:`~retbench.data.questions.QuestionData`; classification: None).
+    """
 
     spec: TaskSpec
     examples: Examples
     splits: dict[str, np.ndarray]
-    extra: Any = None  # retrieval: the PairData; vqa: the QuestionData
+    data: Any = None
+
+    @property
+    def n_items(self) -> int:
+        """How many items are evaluated: pairs (retrieval) or images."""
+        return len(self.data) if self.spec.kind == "retrieval" else len(self.examples)
+
+    def split_counts(self) -> dict[str, dict[str, Any]]:
+        """Per split, its size and its items per class (VQA: per question, per answer)."""
+        spec = self.spec
+        if spec.kind == "vqa":
+            assert spec.vqa is not None
+            answers = self.data.answers
+            return {s: {"n": int(len(idx)), "per_question": {
+                q.name: np.bincount(answers[idx, i][answers[idx, i] >= 0], minlength=len(q.answers)).tolist()
+                for i, q in enumerate(spec.vqa.questions)}} for s, idx in self.splits.items()}
+        labels = self.data.labels if spec.kind == "retrieval" else self.examples.labels
+        return {s: {"n": int(len(idx)), "per_class": np.bincount(labels[idx], minlength=len(spec.classes)).tolist()}
+                for s, idx in self.splits.items()}
 
 
 @dataclass
@@ -98,12 +132,19 @@ class FeatureSource:
             cache.save(key, feats, {"model": self.adapter.name, "task": spec.name, "joint": joint})
         return feats
 
-    def text(self, texts: list[str]) -> np.ndarray:
-        """Text embeddings as numpy."""
+
+def text_encoder(adapter: Adapter) -> Callable[[list[str]], np.ndarray] | None:
+    """The model's text embeddings as numpy (None without a text tower)."""
+    if not adapter.has_text:
+        return None
+
+    def encode(texts: list[str]) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            return self.adapter.encode_text(texts).float().cpu().numpy()
+            return adapter.encode_text(texts).float().cpu().numpy()
+
+    return encode
 
 
 def load_task_data(name: str, root: str | None) -> TaskData:
@@ -113,7 +154,7 @@ def load_task_data(name: str, root: str | None) -> TaskData:
         from retbench.data.pairs import load_pairs
 
         pairs = load_pairs(spec, data_root(root))
-        return TaskData(spec, pairs.examples, make_splits(spec, pairs.examples), pairs)
+        return TaskData(spec, pairs.examples, pairs.splits, pairs)
     if spec.kind == "vqa":
         from retbench.data.questions import load_questions
 
@@ -121,7 +162,6 @@ def load_task_data(name: str, root: str | None) -> TaskData:
         return TaskData(spec, questions.examples, make_splits(spec, questions.examples), questions)
     examples = load_examples(spec, data_root(root))
     return TaskData(spec, examples, make_splits(spec, examples))
-
 
 def select_protocols(spec: TaskSpec, requested: tuple[str, ...]) -> list[str]:
     """Requested protocols the task allows (default: the three standard ones; retrieval and VQA tasks: their own)."""
@@ -153,15 +193,9 @@ def check_writable(folder: str | Path, what: str) -> None:
         raise RetbenchError(f"{what} {path} is not writable{where}; choose another folder or fix its permissions")
 
 
-def configured_protocol(name: str, config: RunConfig) -> Any:
-    """The registered protocol with CLI overrides (shots, number of seeds) applied."""
-    proto = PROTOCOLS.get(name)
-    changes: dict[str, Any] = {}
-    if config.shots and hasattr(proto, "shots"):
-        changes.update(shots=tuple(config.shots), strict=True)
-    if config.seeds and hasattr(proto, "seeds") and not getattr(proto, "flair_folds", False):
-        changes["seeds"] = tuple(range(config.seeds))
-    return dataclasses.replace(proto, **changes) if changes else proto
+def configured_protocol(name: str, config: RunConfig) -> EvaluationProtocol:
+    """The registered protocol with the run's options (``--shots``, ``--seeds``) applied where it takes them."""
+    return PROTOCOLS.get(name).with_options(tuple(config.shots) if config.shots else None, config.seeds or None)
 
 
 def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
@@ -202,13 +236,9 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
             if task_name not in tasks:
                 tasks[task_name] = load_task_data(task_name, config.data_root)
             adapter = adapter or load_model(model, config.weights, str(device), config.precision)
-            if spec.kind != "classification":
-                for p, path in pending:
-                    out.append(_report(_run_kind(adapter, tasks[task_name], p, path, config, device), on_result))
-                continue
-            source = FeatureSource(adapter, tasks[task_name], adapter.task_preprocess(spec.preprocess), config)
+            sources = feature_sources(adapter, tasks[task_name], config)
             for p, path in pending:
-                out.append(_report(_run_one(source, p, path, config, device), on_result))
+                out.append(_report(run_protocol(adapter, tasks[task_name], sources, p, path, config, device), on_result))
     return out
 
 
@@ -218,139 +248,162 @@ def _report(result: Result, on_result: Callable[[Result], None] | None) -> Resul
     return result
 
 
-def _run_one(source: FeatureSource, protocol_name: str, path: Path, config: RunConfig, device: Any) -> Result:
+def feature_sources(adapter: Adapter, task: TaskData, config: RunConfig) -> dict[str, FeatureSource]:
+    """The model's features of the task's images by image side: ``image`` (classification, VQA), or one
+    per image side of a retrieval task (each with its side's preprocessing, one row per pair)."""
+    spec = task.spec
+    if spec.kind != "retrieval":
+        return {IMAGE: FeatureSource(adapter, task, adapter.task_preprocess(spec.preprocess), config)}
+    return {side.spec.name: FeatureSource(adapter, TaskData(spec, side.examples, {}),
+                                          adapter.task_preprocess({**spec.preprocess, **side.spec.preprocess}), config)
+            for side in task.data.image_sides() if side.examples is not None}
+
+
+class _FeatureUse:
+    """The features one protocol run reads, by (side, joint), and the time spent getting them (a side of
+    None: the task's only image side)."""
+
+    def __init__(self, task: TaskData, sources: dict[str, FeatureSource]) -> None:
+        self.task, self.sources = task, sources
+        self.used: dict[tuple[str, bool], Features] = {}
+        self.seconds = 0.0
+
+    def get(self, side: str | None, joint: bool) -> Features:
+        """The features of ``side`` (probe or, with ``joint``, image-text), extracted or read on first use."""
+        if side is None:
+            if len(self.sources) != 1:
+                raise RetbenchError(f"task '{self.task.spec.name}' has image sides {', '.join(self.sources)}: "
+                                    "a protocol must name the side it reads")
+            side = next(iter(self.sources))
+        if side not in self.sources:
+            raise RetbenchError(f"task '{self.task.spec.name}' has no image side '{side}' "
+                                f"(its image sides: {', '.join(self.sources)})")
+        start = time.perf_counter()
+        feats = self.sources[side].get(joint)
+        self.seconds += time.perf_counter() - start
+        self.used[(side, joint)] = feats
+        return feats
+
+
+def run_protocol(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSource], protocol_name: str, path: Path,
+                 config: RunConfig, device: Any) -> Result:
+    """One protocol on one task for one model, whatever the kind of task: build the :class:`Context`, run
+    the protocol, summarise its runs and write the result to ``path`` (skipped when it needs a text tower
+    the model lacks)."""
     protocol = configured_protocol(protocol_name, config)
-    adapter, task = source.adapter, source.task
-    if protocol.needs_text and not adapter.has_text:
-        return Result({}, None, "skipped", f"{protocol_name}: model '{adapter.name}' has no text tower")
-    start = time.perf_counter()
-    features = source.get(joint=protocol.needs_text)
-    extract_s = time.perf_counter() - start
+    spec = task.spec
+    if protocol.needs_text(spec) and not adapter.has_text:
+        return Result({}, None, "skipped", f"{protocol_name}: model '{adapter.name}' has no text tower "
+                      f"(task '{spec.name}' scores texts)")
+    use = _FeatureUse(task, sources)
+    scored_space = protocol.needs_text(spec)  # the features whose unreadable rows a protocol leaves out
     ctx = Context(
-        spec=task.spec, examples=task.examples, splits=task.splits,
-        features=lambda: source.get(False).values,
-        joint_features=(lambda: source.get(True).values) if adapter.has_text else None,
-        encode_text=source.text if adapter.has_text else None,
-        device=device, valid=lambda: features.valid,
-        zero_shot=adapter.zero_shot_setup(task.spec) if adapter.has_text else None,
+        spec=spec, examples=task.examples, splits=task.splits,
+        features=lambda side=None: use.get(side, False).values,
+        joint_features=(lambda side=None: use.get(side, True).values) if adapter.has_text else None,
+        encode_text=text_encoder(adapter), device=device,
+        valid=lambda side=None: use.get(side, scored_space).valid,
+        # a model's zero-shot convention is for class prompts; VQA and retrieval protocols score their own texts
+        zero_shot=adapter.zero_shot_setup(spec) if adapter.has_text and spec.kind == "classification" else None,
+        data=task.data,
     )
-    fit_start = time.perf_counter()
+    start = time.perf_counter()
     output = protocol.run(ctx)
-    fit_s = time.perf_counter() - fit_start
-    metric_names = tuple(output.runs[0].metrics)
-    data = _result_dict(source, protocol, output, metric_names, features, config, device,
-                        {"extract_s": extract_s, "features_from_cache": features.from_cache,
-                         "extract_s_original": features.seconds, "fit_s": fit_s})
+    total = time.perf_counter() - start
+    _check_output(protocol, spec, output)
+    n_test = output.n_test if output.n_test is not None else int(ctx.valid()[task.splits["test"]].sum())
+    used = dict(sorted(use.used.items()))
+    timings = {"extract_s": use.seconds, "features_from_cache": all(f.from_cache for f in used.values()),
+               "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - use.seconds}
+    data = _result_dict(adapter, task, sources, protocol, output, n_test, used, config, device, timings)
     write_result(path, data)
     return Result(data, path)
 
 
-def _result_dict(source: FeatureSource, protocol: Any, output: Any, metric_names: tuple[str, ...],
-                 features: Features, config: RunConfig, device: Any, timings: dict[str, Any]) -> dict[str, Any]:
-    spec, ex, splits = source.task.spec, source.task.examples, source.task.splits
-    resampling = Resampling.of(spec, ex)
+def _check_output(protocol: EvaluationProtocol, spec: TaskSpec, output: ProtocolOutput) -> None:
+    """Refuse an output without runs or without one of the protocol's headline metrics (one line)."""
+    if not output.runs:
+        raise RetbenchError(f"protocol '{protocol.name}' returned no runs on task '{spec.name}'")
+    missing = [n for n in protocol.metric_names(spec) if n not in output.runs[0].metrics]
+    if missing:
+        raise RetbenchError(f"protocol '{protocol.name}' returned no '{missing[0]}' on task '{spec.name}' "
+                            f"(its metric_names: {', '.join(protocol.metric_names(spec))})")
+
+
+def _result_dict(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSource], protocol: EvaluationProtocol,
+                 output: ProtocolOutput, n_test: int, used: dict[tuple[str, bool], Features], config: RunConfig,
+                 device: Any, timings: dict[str, Any]) -> dict[str, Any]:
+    spec = task.spec
+    resampling = Resampling.of(spec, task.examples)
+    scored = [i for r in output.runs if r.predictions is not None for i in r.predictions.index]
+    keys = {f"{side}:{'joint' if joint else 'features'}": f.key for (side, joint), f in used.items()}
     return {
         "schema": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": source.adapter.describe(),
-        "task": {"name": spec.name, "version": spec.version, "spec_hash": spec.spec_hash, "file": spec.file,
-                 "modality": spec.modality, "problem": spec.problem, "classes": spec.class_names},
-        "protocol": {"name": protocol.name, "description": protocol.description, "settings": output.settings},
-        "preprocess": source.preprocess.to_dict(),
-        "primary_metric": spec.primary_metric,
-        **_summaries(output.runs, metric_names, spec.primary_metric, resampling),
-        "resampling": resampling.to_dict(i for r in output.runs for i in r.indices),
-        "data": _data_summary(spec, ex, splits, features),
-        "runs": [r.to_dict() for r in output.runs],
-        "environment": environment(device),
-        "timings": timings,
-        "config": {**config.to_dict(), "models": None, "tasks": None},
-        "feature_cache_key": features.key,
-    }
-
-
-def _summaries(runs: list, metric_names: tuple[str, ...], primary: str, resampling: Resampling) -> dict[str, Any]:
-    """Headline metrics (few-shot: the largest k) and, for few-shot, a summary per k."""
-    ks = sorted({r.k for r in runs if r.k is not None})
-    if not ks:
-        return {"metrics": summarize(runs, metric_names, primary, resampling)}
-    by_k = {str(k): summarize([r for r in runs if r.k == k], metric_names, primary, resampling) for k in ks}
-    return {"metrics": by_k[str(ks[-1])], "metrics_by_k": by_k, "headline_k": ks[-1]}
-
-
-def _data_summary(spec: TaskSpec, ex: Examples, splits: dict[str, np.ndarray], features: Features) -> dict[str, Any]:
-    per_split = {s: {"n": int(len(idx)), "per_class": np.bincount(ex.labels[idx], minlength=len(spec.classes)).tolist()}
-                 for s, idx in splits.items()}
-    return {"n_examples": len(ex), "n_test": int(features.valid[splits["test"]].sum()), "splits": per_split,
-            "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
-            "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
-            "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
-            "bad_images": features.bad_ids, **({"warnings": list(ex.warnings)} if ex.warnings else {})}
-
-
-def _run_kind(adapter: Adapter, task: TaskData, protocol_name: str, path: Path, config: RunConfig, device: Any) -> Result:
-    """One retrieval or VQA protocol run: features per image side (extracted lazily, cached), then the protocol."""
-    from retbench.protocols.retrieval import RetrievalContext
-    from retbench.protocols.vqa import VQAContext
-
-    protocol = configured_protocol(protocol_name, config)
-    spec = task.spec
-    requires_text = getattr(protocol, "requires_text", lambda _spec: protocol.needs_text)(spec)
-    if requires_text and not adapter.has_text:
-        return Result({}, None, "skipped", f"{protocol_name}: model '{adapter.name}' has no text tower "
-                      f"(task '{spec.name}' scores texts)")
-    timer = {"extract_s": 0.0}
-
-    def timed(source: FeatureSource, joint: bool) -> Features:
-        start = time.perf_counter()
-        feats = source.get(joint)
-        timer["extract_s"] += time.perf_counter() - start
-        return feats
-
-    if spec.kind == "retrieval":
-        sources = {side.spec.name: FeatureSource(adapter, TaskData(spec, side.examples, {}),
-                                                 adapter.task_preprocess({**spec.preprocess, **side.spec.preprocess}),
-                                                 config)
-                   for side in task.extra.image_sides() if side.examples is not None}
-        text = next(iter(sources.values())).text if adapter.has_text else None
-        ctx: Any = RetrievalContext(spec, task.extra, lambda side, joint: timed(sources[side], joint).values, text, device)
-        preprocess: dict[str, Any] = {name: s.preprocess.to_dict() for name, s in sources.items()}
-    else:
-        source = FeatureSource(adapter, task, adapter.task_preprocess(spec.preprocess), config)
-        sources = {"image": source}
-        ctx = VQAContext(spec, task.extra, task.splits, lambda: timed(source, False).values,
-                         (lambda: timed(source, True).values) if adapter.has_text else None,
-                         source.text if adapter.has_text else None, device,
-                         lambda: timed(source, protocol.needs_text).valid)
-        preprocess = source.preprocess.to_dict()
-    start = time.perf_counter()
-    output = protocol.run(ctx)
-    total = time.perf_counter() - start
-    used = {(name, joint): feats for name, s in sources.items() for joint, feats in s._cache.items()}
-    timings = {"extract_s": timer["extract_s"], "features_from_cache": all(f.from_cache for f in used.values()),
-               "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - timer["extract_s"]}
-    keys = {f"{name}:{'joint' if joint else 'features'}": f.key for (name, joint), f in sorted(used.items())}
-    data = {
-        "schema": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": adapter.describe(),
-        "task": {"name": spec.name, "version": spec.version, "spec_hash": spec.spec_hash, "file": spec.file,
-                 "modality": spec.modality, "problem": spec.problem, "kind": spec.kind, "classes": spec.class_names,
-                 "parts": _parts(spec)},
+        "task": _task_record(spec),
         "protocol": {"name": protocol.name, "description": protocol.description, "settings": output.settings},
-        "preprocess": preprocess,
+        "preprocess": ({side: s.preprocess.to_dict() for side, s in sources.items()} if spec.kind == "retrieval"
+                       else sources[IMAGE].preprocess.to_dict()),
         "primary_metric": spec.primary_metric,
-        "metrics": output.metrics,
-        **({"resampling": output.resampling} if output.resampling else {}),
-        "data": _kind_data_summary(task, output, sorted({b for f in used.values() for b in f.bad_ids})),
-        "runs": output.runs,
+        **_summaries(protocol, output, spec, resampling),
+        **({"resampling": resampling.to_dict(scored)} if scored else {}),
+        "data": _data_summary(task, n_test, used, output.notes),
+        "runs": [r.to_dict() for r in output.runs],
         "environment": environment(device),
         "timings": timings,
         "config": {**config.to_dict(), "models": None, "tasks": None},
         "feature_cache_key": next(iter(keys.values())) if len(keys) == 1 else keys,
     }
-    write_result(path, data)
-    return Result(data, path)
+
+
+def _summaries(protocol: EvaluationProtocol, output: ProtocolOutput, spec: TaskSpec,
+               resampling: Resampling) -> dict[str, Any]:
+    """Headline metrics (few-shot: the largest k) and, for few-shot, a summary per k.
+
+    The protocol's headline metrics (``metric_names``) get a 95% CI: the protocol's own ``interval``
+    where it brings one, else the cluster bootstrap over test units × runs of the runs' predictions
+    (:mod:`retbench.resampling`, the leaderboard's computation, so stored and published intervals
+    agree) — for metrics without a vectorised weighted form only when primary (resampling them by
+    repeated indices is slow).
+    """
+    headline = set(protocol.metric_names(spec))
+    per_class = {n for n in output.runs[0].metrics if n in METRICS and METRICS.get(n).per_class}
+
+    def summary(runs: list[Run]) -> dict[str, Any]:
+        interval = output.interval or _prediction_interval(runs, spec.primary_metric, resampling)
+        return summarize([r.metrics for r in runs], lambda name: interval(name) if name in headline else None,
+                         per_class)
+
+    ks = sorted({r.k for r in output.runs if r.k is not None})
+    if not ks:
+        return {"metrics": summary(output.runs)}
+    by_k = {str(k): summary([r for r in output.runs if r.k == k]) for k in ks}
+    return {"metrics": by_k[str(ks[-1])], "metrics_by_k": by_k, "headline_k": ks[-1]}
+
+
+def _prediction_interval(runs: list[Run], primary: str, resampling: Resampling) -> Callable[[str], rs.Interval | None]:
+    """The bootstrap CI of a metric over the runs' predictions (None: no predictions, per-class metrics, and
+    metrics without a weighted form that are not primary)."""
+    predictions = [r.predictions for r in runs]
+
+    def interval(name: str) -> rs.Interval | None:
+        metric = METRICS.get(name)
+        if any(p is None for p in predictions) or metric.per_class or (metric.weighted is None and name != primary):
+            return None
+        return rs.bootstrap(metric, predictions, resampling.cluster_of, resampling.unit,  # type: ignore[arg-type]
+                            seed=resampling.seed)
+
+    return interval
+
+
+def _task_record(spec: TaskSpec) -> dict[str, Any]:
+    """The task as stored: its identity and classes; retrieval and VQA tasks add their kind and parts."""
+    record = {"name": spec.name, "version": spec.version, "spec_hash": spec.spec_hash, "file": spec.file,
+              "modality": spec.modality, "problem": spec.problem}
+    if spec.kind == "classification":
+        return {**record, "classes": spec.class_names}
+    return {**record, "kind": spec.kind, "classes": spec.class_names, "parts": _parts(spec)}
 
 
 def _parts(spec: TaskSpec) -> dict[str, Any]:
@@ -364,25 +417,20 @@ def _parts(spec: TaskSpec) -> dict[str, Any]:
                           for q in spec.vqa.questions}, "answer_template": spec.vqa.answer_template}
 
 
-def _kind_data_summary(task: TaskData, output: Any, bad_images: list[str]) -> dict[str, Any]:
-    spec, extra = task.spec, task.extra
-    if spec.kind == "retrieval":
-        unit, n, splits = "pair", len(extra), {
-            s: {"n": int(len(idx)), "per_class": np.bincount(extra.labels[idx], minlength=len(spec.classes)).tolist()}
-            for s, idx in extra.splits.items()}
-    else:
-        assert spec.vqa is not None
-        unit, n, splits = "image", len(extra.examples), {
-            s: {"n": int(len(idx)), "per_question": {
-                q.name: np.bincount(extra.answers[idx, i][extra.answers[idx, i] >= 0], minlength=len(q.answers)).tolist()
-                for i, q in enumerate(spec.vqa.questions)}}
-            for s, idx in task.splits.items()}
-    ex = task.examples
-    return {"unit": unit, "n_examples": n, "n_test": output.n_test, "splits": splits,
-            "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed, "by_patient": spec.splits.by_patient,
-            "n_patients": len(set(ex.patients)), "near_duplicate_pairs": ex.near_duplicate_pairs,
-            "image_list_hash": ex.image_list_hash(), "dropped": ex.dropped,
-            "bad_images": bad_images, **({"warnings": list(ex.warnings)} if ex.warnings else {}), **output.notes}
+def _data_summary(task: TaskData, n_test: int, used: dict[tuple[str, bool], Features],
+                  notes: dict[str, Any]) -> dict[str, Any]:
+    """Sizes, splits, patients, duplicates and unreadable images of the task as evaluated."""
+    spec, ex = task.spec, task.examples
+    bad = [b for f in used.values() for b in f.bad_ids]
+    # classification results list unreadable images in example order, retrieval and VQA results sorted
+    bad_images = list(dict.fromkeys(bad)) if spec.kind == "classification" else sorted(set(bad))
+    unit = {"retrieval": "pair", "vqa": "image"}.get(spec.kind)  # the evaluated item (classification: images, unnamed)
+    return {**({"unit": unit} if unit else {}), "n_examples": task.n_items, "n_test": n_test,
+            "splits": task.split_counts(), "split_strategy": spec.splits.strategy, "split_seed": spec.splits.seed,
+            "by_patient": spec.splits.by_patient, "n_patients": len(set(ex.patients)),
+            "near_duplicate_pairs": ex.near_duplicate_pairs, "image_list_hash": ex.image_list_hash(),
+            "dropped": ex.dropped, "bad_images": bad_images, **({"warnings": list(ex.warnings)} if ex.warnings else {}),
+            **notes}
 
 
 def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: Any) -> Result:

@@ -14,6 +14,8 @@ Everything here is a pure function of numbers or of stored results:
   correlated AUROCs on the same test set, with the midrank algorithm of Sun & Xu (2014);
 - :func:`check_comparable` — refuses to compare results made under different task versions,
   splits or protocol settings, naming what differs;
+- :func:`summarize` — the summary of a protocol's runs stored with every result (mean, std, runs,
+  and the 95% CI it is given), for every kind of task;
 - :func:`t_interval` — the Student-t interval of the mean of a few values (few-shot curves).
 """
 
@@ -23,14 +25,17 @@ import hashlib
 import inspect
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
 from retbench.errors import RetbenchError
+
+if TYPE_CHECKING:
+    from retbench.resampling import Interval
 
 CORRECTIONS = ("holm", "bh", "none")
 """Multiple-comparison corrections accepted by :func:`adjust_pvalues`."""
@@ -533,8 +538,36 @@ def check_comparable(results: Sequence[Mapping[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The t-interval of a few values
+# Summaries of runs, and the t-interval of a few values
 # --------------------------------------------------------------------------------------------
+
+
+def summarize(run_metrics: Sequence[Mapping[str, Any]], interval: Callable[[str], Interval | None] | None = None,
+              per_class: Container[str] = ()) -> dict[str, dict[str, Any]]:
+    """The summary stored with every result: per metric name of the runs, the mean over runs (NaN runs
+    left out), the std between runs (sample, ddof 1; 0 for one run), the number of runs and their values.
+
+    ``interval(name)``, where it returns one (a :class:`retbench.resampling.Interval`) with finite
+    bounds, adds its 95% CI (``ci95``) and how it was made (``ci_method``); runs share one test set, so
+    there is no CI from the runs alone. Names in ``per_class`` hold one value per class in each run:
+    they get the per-class mean only.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for name in run_metrics[0]:
+        values = [m[name] for m in run_metrics]
+        if name in per_class:
+            summary[name] = {"mean": np.nanmean(np.array(values, dtype=float), axis=0).tolist()}
+            continue
+        arr = np.array(values, dtype=float)
+        entry: dict[str, Any] = {"mean": float(np.nanmean(arr)) if not np.isnan(arr).all() else float("nan"),
+                                 "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0,
+                                 "n": int(len(arr)), "values": arr.tolist()}
+        ci = interval(name) if interval is not None else None
+        if ci is not None and np.isfinite(ci.low) and np.isfinite(ci.high):
+            entry["ci95"] = [ci.low, ci.high]
+            entry["ci_method"] = ci.describe()
+        summary[name] = entry
+    return summary
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:

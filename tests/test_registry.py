@@ -121,6 +121,15 @@ def test_shipped_registries_hold_their_entries() -> None:
 # ---------------------------------------------------------------- contracts
 
 
+def _protocol(**overrides):
+    """A minimal object satisfying the protocol contract, with members replaced or (None) removed."""
+    members = {"name": "mine", "description": "d", "kind": "classification", "run_options": frozenset(),
+               "needs_text": lambda spec: False, "metric_names": lambda spec: spec.metrics,
+               "with_options": lambda shots=None, seeds=None: None, "run": lambda ctx: None}
+    members.update(overrides)
+    return SimpleNamespace(**{k: v for k, v in members.items() if v is not None})
+
+
 def test_generic_contract_names_the_entry_and_the_missing_member() -> None:
     reg: Registry = Registry("widget", contract=Contract("my.Widget", members=("size",), methods=("spin",)))
     reg.register("good", SimpleNamespace(size=1, spin=lambda: 0))
@@ -132,10 +141,67 @@ def test_generic_contract_names_the_entry_and_the_missing_member() -> None:
     assert reg.names() == ["good"]  # refused entries are not registered
 
 
-def test_shipped_adapters_and_metrics_satisfy_their_contracts() -> None:
+def test_protocol_registry_refuses_entries_that_break_the_contract() -> None:
+    from retbench.protocols.base import PROTOCOL_CONTRACT
+
+    reg: Registry = Registry("protocol", contract="retbench.protocols.base:PROTOCOL_CONTRACT")
+    assert reg.contract is PROTOCOL_CONTRACT  # the lazy "module:Attr" contract is imported on first use
+    assert set(PROTOCOL_CONTRACT.members) == {"name", "description", "kind", "run_options"}
+    assert set(PROTOCOL_CONTRACT.methods) == {"needs_text", "metric_names", "with_options", "run"}
+    reg.register("ok", _protocol())
+    cases = {
+        "no_run": (_protocol(run=None), "it has no member 'run'"),
+        "no_kind": (_protocol(kind=None), "it has no member 'kind'"),
+        "bad_kind": (_protocol(kind="segmentation"), "its kind 'segmentation' is none of classification, retrieval, vqa"),
+        "bad_options": (_protocol(run_options=frozenset({"epochs"})), "run_options"),
+        "flag_not_method": (_protocol(needs_text=True), "its member 'needs_text' is not callable"),
+    }
+    for name, (entry, words) in cases.items():
+        with pytest.raises(RetbenchError) as info:
+            reg.register(name, entry)
+        msg = str(info.value)
+        assert msg.startswith(f"protocol '{name}' does not satisfy the protocol contract "
+                              "retbench.protocols.base.EvaluationProtocol: ") and words in msg and "\n" not in msg, msg
+
+    class Proto:  # a class is no protocol: register an instance
+        name, description, kind, run_options = "c", "d", "classification", frozenset()
+
+    with pytest.raises(RetbenchError, match="it is a class, not an instance"):
+        reg.register("a_class", Proto)
+
+
+def test_entry_point_protocols_are_checked_when_first_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("third_party_protocols")
+    module.GOOD = _protocol(name="good")  # type: ignore[attr-defined]
+    module.NO_RUN = _protocol(name="no_run", run=None)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "third_party_protocols", module)
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [
+        SimpleNamespace(name="good", value="third_party_protocols:GOOD"),
+        SimpleNamespace(name="no_run", value="third_party_protocols:NO_RUN")])
+    reg: Registry = Registry("protocol", entry_point_group="retbench.protocols",
+                             contract="retbench.protocols.base:PROTOCOL_CONTRACT")
+    assert reg.names() == ["good", "no_run"]  # listed without importing
+    assert reg.get("good") is module.GOOD
+    with pytest.raises(RetbenchError) as info:
+        reg.get("no_run")
+    assert str(info.value) == ("protocol 'no_run' (third_party_protocols:NO_RUN) does not satisfy the protocol contract "
+                               "retbench.protocols.base.EvaluationProtocol: it has no member 'run'")
+    with pytest.raises(RetbenchError, match="no member 'run'"):  # still refused: not cached
+        reg.get("no_run")
+
+
+def test_shipped_protocols_adapters_and_metrics_satisfy_their_contracts() -> None:
     from retbench.adapters import ADAPTERS, Adapter, discover_adapters
     from retbench.metrics import METRICS
+    from retbench.protocols import PROTOCOLS
+    from retbench.protocols.base import EvaluationProtocol
 
+    for name in PROTOCOLS.names():
+        proto = PROTOCOLS.get(name)
+        assert isinstance(proto, EvaluationProtocol) and proto.name == name
     discover_adapters()
     assert all(issubclass(ADAPTERS.get(n), Adapter) for n in ADAPTERS.names())
     assert len(METRICS.names()) > 10 and all(METRICS.get(n).name == n for n in METRICS.names())

@@ -19,8 +19,9 @@ from retbench.data.questions import load_questions
 from retbench.errors import DataError, SpecError
 from retbench.leaderboard import write_leaderboards
 from retbench.metrics import METRICS
-from retbench.protocols.kind_output import part_means, summarize_flat
+from retbench.protocols.base import part_means
 from retbench.spec import parse_spec
+from retbench.stats import summarize
 
 SPEC = """\
 kind: vqa
@@ -170,7 +171,7 @@ def test_per_question_metrics_and_their_mean_by_hand() -> None:
     assert flat == pytest.approx({"accuracy": (0.75 + 2 / 3) / 2, "balanced_accuracy": (5 / 6 + 2 / 3) / 2,
                                   "A/accuracy": 0.75, "A/balanced_accuracy": 5 / 6,
                                   "B/accuracy": 2 / 3, "B/balanced_accuracy": 2 / 3})
-    summary = summarize_flat([{"accuracy": 0.5}, {"accuracy": 0.7}], None, ())
+    summary = summarize([{"accuracy": 0.5}, {"accuracy": 0.7}])
     assert summary["accuracy"]["mean"] == pytest.approx(0.6) and summary["accuracy"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert "ci95" not in summary["accuracy"]  # two runs on one test set are no interval of the test sampling
 
@@ -320,4 +321,35 @@ def test_shipped_eye4class_vqa_keeps_the_eye4class_split(data_root: Path) -> Non
     vqa, cls = load_task_data("eye4class_vqa", str(data_root)), load_task_data("eye4class", str(data_root))
     assert vqa.examples.ids == cls.examples.ids and len(vqa.examples.dropped["conflicting_duplicate"]) == 4
     np.testing.assert_array_equal(vqa.splits["test"], cls.splits["test"])
-    assert (vqa.extra.answers[:, 0] == cls.examples.labels).all()  # disease answers in eye4class's class order
+    assert (vqa.data.answers[:, 0] == cls.examples.labels).all()  # disease answers in eye4class's class order
+
+
+# ------------------------------------------------------------------ one evaluation track
+
+
+def test_classification_and_vqa_protocols_go_through_the_same_runner_function(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import make_tiny_task
+
+    import retbench.runner as runner
+
+    calls = []
+    real = runner.run_protocol
+
+    def spy(adapter, task, sources, protocol_name, *args, **kwargs):
+        calls.append((task.spec.kind, protocol_name))
+        return real(adapter, task, sources, protocol_name, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_protocol", spy)
+    tiny_spec, _ = make_tiny_task(tmp_path)
+    colours = make_colours(tmp_path)
+    cls = retbench.evaluate("classical", str(tiny_spec), "linear_probe", **options(tmp_path, seeds=2))
+    vqa = retbench.evaluate("classical", str(colours), "vqa.probe", **options(tmp_path, seeds=2))
+    assert calls == [("classification", "linear_probe"), ("vqa", "vqa.probe")]
+    for res in (cls, vqa):  # one result shape: summary with the cluster-bootstrap CI, resampling units, runs
+        assert res.status == "done"
+        assert {"metrics", "resampling", "data", "runs", "protocol", "feature_cache_key"} <= set(res.data)
+        headline = res.metrics[res.data["primary_metric"]]
+        assert headline["n"] == 2 and headline["ci_method"].startswith("percentile bootstrap over")
+    assert "predictions" in cls.data["runs"][0] and "predictions" not in vqa.data["runs"][0]
+    assert set(vqa.data["runs"][0]["questions"]) == {"colour", "red", "brightness"}

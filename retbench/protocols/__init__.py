@@ -1,13 +1,21 @@
 """Evaluation protocols, registered by name: zero-shot, few-shot and linear probe for classification
 tasks; retrieval (``retrieval.*``) and closed-form VQA (``vqa.*``) protocols for those kinds of task.
 
-A protocol evaluates tasks of one ``kind`` (its attribute; classification when absent)."""
+Every entry satisfies :class:`retbench.protocols.base.EvaluationProtocol` (its ``kind`` says which
+tasks it evaluates); third-party packages add protocols through the entry-point group
+``retbench.protocols``, held to the same contract."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from retbench.registry import Registry
 
-PROTOCOLS: Registry = Registry("protocol", entry_point_group="retbench.protocols")
+if TYPE_CHECKING:
+    from retbench.protocols.base import EvaluationProtocol
+
+PROTOCOLS: Registry[EvaluationProtocol] = Registry("protocol", entry_point_group="retbench.protocols",
+                                                   contract="retbench.protocols.base:PROTOCOL_CONTRACT")
 
 PROTOCOLS.register_lazy("linear_probe", "retbench.protocols.linear_probe:LINEAR_PROBE")
 PROTOCOLS.register_lazy("linear_probe.flair", "retbench.protocols.linear_probe:LINEAR_PROBE_FLAIR")

@@ -1,38 +1,71 @@
-"""What every protocol receives and returns, and the shared probe machinery."""
+"""The protocol contract: what every protocol is, receives and returns; and the shared probe machinery.
+
+One evaluation track serves every kind of task: the runner builds one :class:`Context`, calls
+the protocol's :meth:`~EvaluationProtocol.run` and summarises the :class:`ProtocolOutput`
+it gets back the same way for classification, retrieval and VQA protocols. Entries of the
+protocol registry (built in, or from the ``retbench.protocols`` entry-point group) must
+satisfy :class:`EvaluationProtocol`; the registry refuses those that do not.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from retbench.data.examples import Examples
-from retbench.metrics import METRICS, compute_metrics
+from retbench.metrics import compute_metrics
 from retbench.progress import progress_bar
+from retbench.registry import Contract
+from retbench.resampling import Interval, RunPredictions
 from retbench.solver import balanced_weights, fit_logistic
-from retbench.spec import TaskSpec
 
 if TYPE_CHECKING:
     from retbench.adapters import ZeroShotSetup
+    from retbench.spec import TaskSpec
+
+TASK_KINDS = ("classification", "retrieval", "vqa")
+"""The kinds of task a protocol may evaluate (its ``kind``)."""
+
+RUN_OPTIONS = frozenset({"shots", "seeds"})
+"""The run options (``--shots``, ``--seeds``) a protocol may take (its ``run_options``)."""
 
 
 @dataclass
 class Context:
-    """Inputs of one protocol run; feature getters are lazy so protocols extract only what they use."""
+    """Inputs of one protocol run, for every kind of task; feature getters are lazy (extracted or read
+    from the cache on first use), so a protocol extracts only what it uses.
+
+    ``examples`` are the task's images and ``splits`` the indices of the evaluated items per split:
+    images (classification, VQA) or pairs (retrieval). The getters return one row per image, or,
+    called with an image side's name (retrieval), one row per pair of that side:
+    ``features(side=None)`` the probe features, ``joint_features(side=None)`` the image-text
+    embeddings (None: the model has no text tower), ``valid(side=None)`` which rows have features
+    (unreadable images have none). ``encode_text`` embeds texts (None without a text tower);
+    ``zero_shot`` is the model's zero-shot convention for class prompts (classification tasks of
+    image-text models); ``data`` the task's own structure: the pairs (:class:`~retbench.data.pairs.PairData`)
+    of a retrieval task, the questions (:class:`~retbench.data.questions.QuestionData`) of a VQA task.
+    """
 
     spec: TaskSpec
     examples: Examples
     splits: dict[str, np.ndarray]
-    features: Callable[[], np.ndarray]
-    joint_features: Callable[[], np.ndarray] | None
+    features: Callable[..., np.ndarray]
+    joint_features: Callable[..., np.ndarray] | None
     encode_text: Callable[[list[str]], np.ndarray] | None
     device: torch.device
-    valid: Callable[[], np.ndarray]
+    valid: Callable[..., np.ndarray]
     zero_shot: ZeroShotSetup | None = None
+    data: Any = None
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a text tower (and an image-text space)."""
+        return self.encode_text is not None
 
     def split(self, name: str) -> np.ndarray:
         """Indices of a split, without rows whose image could not be read."""
@@ -42,20 +75,43 @@ class Context:
 
 @dataclass
 class Run:
-    """One fitted-and-evaluated instance: a seed (and shot count), its test predictions and metrics."""
+    """One fitted-and-evaluated instance: a seed (and shot count), its metrics and what they came from.
+
+    ``extra`` holds JSON-ready records stored with the run after its metrics (the chosen C, a
+    retrieval direction's ranks, a VQA question's predictions). ``predictions`` are the test
+    predictions the bootstrap CIs resample: a classification run's are stored with it
+    (``predictions`` in the result), a run of parts (VQA: one classification per question type)
+    keeps its parts' in ``extra``; None where the protocol brings its own interval (retrieval).
+    """
 
     seed: int
-    indices: np.ndarray
-    y_true: np.ndarray
-    proba: np.ndarray
     metrics: dict[str, Any]
     k: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    predictions: RunPredictions | None = None
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Test example indices the run scored (runs with predictions)."""
+        assert self.predictions is not None
+        return self.predictions.index
+
+    @property
+    def y_true(self) -> np.ndarray:
+        """Their labels."""
+        assert self.predictions is not None
+        return self.predictions.y
+
+    @property
+    def proba(self) -> np.ndarray:
+        """Their class probabilities."""
+        assert self.predictions is not None
+        return self.predictions.proba
 
     def to_dict(self, with_predictions: bool = True) -> dict[str, Any]:
-        """JSON-ready; predictions let metrics be recomputed later."""
+        """JSON-ready; stored predictions let metrics be recomputed later."""
         d = {"seed": self.seed, "k": self.k, "metrics": self.metrics, **self.extra}
-        if with_predictions:
+        if with_predictions and self.predictions is not None and not self.predictions.parts:
             d["predictions"] = {
                 "index": self.indices.tolist(),
                 "y_true": self.y_true.tolist(),
@@ -66,75 +122,95 @@ class Run:
 
 @dataclass
 class ProtocolOutput:
-    """All runs of a protocol plus the settings it actually used."""
+    """What every protocol returns: its runs and the settings it actually used, and optionally
+
+    ``n_test``, how many test items it scored (default: the readable images of the task's test
+    split); ``notes``, further fields for the result's data summary; ``interval``, the 95% CI of
+    a headline metric by name, for runs without predictions (default: the cluster bootstrap of
+    :mod:`retbench.resampling` over the runs' predictions).
+    """
 
     runs: list[Run]
     settings: dict[str, Any]
+    n_test: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    interval: Callable[[str], Interval | None] | None = None
+
+
+@runtime_checkable
+class EvaluationProtocol(Protocol):
+    """The contract of an evaluation protocol (every entry of :data:`retbench.protocols.PROTOCOLS`).
+
+    - ``name``: the registry name, stored in every result and naming its file;
+    - ``description``: one line for ``retbench list protocols`` and the result;
+    - ``kind``: the kind of task it evaluates, one of :data:`TASK_KINDS` (a task lists only
+      protocols of its own kind);
+    - ``run_options``: the run options (of :data:`RUN_OPTIONS`) that change what it computes;
+    - ``needs_text(spec)``: whether it scores texts on task ``spec`` (models without a text
+      tower are then skipped with the reason);
+    - ``metric_names(spec)``: the headline metrics every run reports on ``spec`` (runs may add
+      others, e.g. per retrieval direction); these get the 95% CIs;
+    - ``with_options(shots, seeds)``: a copy with the run's ``--shots`` and ``--seeds`` (a count)
+      applied where they are among its ``run_options`` (itself when nothing applies);
+    - ``run(ctx)``: evaluate on a :class:`Context`, returning a :class:`ProtocolOutput`.
+    """
+
+    name: str
+    description: str
+    kind: str
+    run_options: frozenset[str]
+
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Whether the protocol scores texts on ``spec``."""
+        ...
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The headline metrics of every run on ``spec``."""
+        ...
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> EvaluationProtocol:
+        """The protocol with the run's options applied."""
+        ...
+
+    def run(self, ctx: Context) -> ProtocolOutput:
+        """Evaluate on ``ctx``."""
+        ...
+
+
+def _kind_and_options(protocol: Any) -> str | None:
+    """What is wrong with a protocol's ``kind`` or ``run_options`` (None: nothing)."""
+    if protocol.kind not in TASK_KINDS:
+        return f"its kind {protocol.kind!r} is none of {', '.join(TASK_KINDS)}"
+    options = protocol.run_options
+    if not isinstance(options, (set, frozenset)) or not options <= RUN_OPTIONS:
+        return f"its run_options {options!r} are not a set of {', '.join(sorted(RUN_OPTIONS))}"
+    return None
+
+
+PROTOCOL_CONTRACT = Contract.of_protocol(EvaluationProtocol, check=_kind_and_options)
+"""What the protocol registry holds every entry to (built in, or from the ``retbench.protocols`` entry points)."""
+
+
+def part_means(per_part: dict[str, dict[str, float]], names: tuple[str, ...]) -> dict[str, float]:
+    """Flat run metrics of a run of parts (retrieval directions, VQA question types): ``<part>/<name>``
+    for every part, and ``<name>`` = their unweighted mean (the headline)."""
+    out: dict[str, float] = {}
+    for name in names:
+        values = [per_part[p][name] for p in per_part]
+        out[name] = float(np.nanmean(values)) if values and not np.isnan(values).all() else float("nan")
+    for part, metrics in per_part.items():
+        for name in names:
+            out[f"{part}/{name}"] = float(metrics[name])
+    return out
 
 
 def evaluate_runs(metrics: tuple[str, ...], runs_raw: list[tuple], y: np.ndarray) -> list[Run]:
     """Build :class:`Run` objects computing ``metrics`` from (seed, k, indices, proba, extra) tuples."""
     out = []
     for seed, k, idx, proba, extra in runs_raw:
-        out.append(Run(seed, idx, y[idx], proba, compute_metrics(metrics, y[idx], proba), k, extra))
+        predictions = RunPredictions((seed, k or 0), np.asarray(idx), y[idx], np.asarray(proba))
+        out.append(Run(seed, compute_metrics(metrics, y[idx], proba), k, extra, predictions))
     return out
-
-
-@dataclass(frozen=True)
-class Resampling:
-    """How a task's test images group into resampling units: ``cluster_of`` maps an example index to
-    its unit (patient), ``unit`` names it; ``seed`` is the task's fixed bootstrap seed."""
-
-    cluster_of: dict[int, Any] | None
-    unit: str
-    seed: int
-
-    @classmethod
-    def of(cls, spec: TaskSpec, examples: Examples) -> Resampling:
-        """Patients (the split groups) where the task splits by patient and ids exist, else images."""
-        from retbench.resampling import task_seed
-
-        patients = list(examples.patients)
-        if spec.splits.by_patient and len(set(patients)) < len(patients):
-            return cls(dict(enumerate(patients)), "patient", task_seed(spec.name))
-        return cls(None, "image", task_seed(spec.name))
-
-    def to_dict(self, index: Any) -> dict[str, Any]:
-        """The units of the test images ``index`` (every image the runs scored), coded in order of first appearance."""
-        index = sorted({int(i) for i in index})
-        codes: dict[Any, int] = {}
-        cluster = [codes.setdefault(self.cluster_of[i] if self.cluster_of else i, len(codes)) for i in index]
-        return {"unit": self.unit, "seed": self.seed, "n_units": len(codes), "index": index, "cluster": cluster}
-
-
-def summarize(runs: list[Run], metrics: tuple[str, ...], primary: str, resampling: Resampling) -> dict[str, Any]:
-    """Mean over runs, std between runs and a 95% CI per scalar metric.
-
-    The CI is the bootstrap over test units × runs of :mod:`retbench.resampling` (the leaderboard's
-    computation, so stored and published intervals agree); metrics without a vectorised weighted
-    form get it only when primary (resampling them by repeated indices is slow).
-    """
-    from retbench import resampling as rs
-
-    summary: dict[str, Any] = {}
-    preds = [rs.RunPredictions((r.seed, r.k or 0), np.asarray(r.indices), np.asarray(r.y_true), np.asarray(r.proba))
-             for r in runs]
-    for name in metrics:
-        m = METRICS.get(name)
-        values = [r.metrics[name] for r in runs]
-        if m.per_class:
-            summary[name] = {"mean": np.nanmean(np.array(values, dtype=float), axis=0).tolist()}
-            continue
-        arr = np.array(values, dtype=float)
-        entry = {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0,
-                 "n": int(len(arr)), "values": arr.tolist()}
-        if m.weighted is not None or name == primary:
-            interval = rs.bootstrap(m, preds, resampling.cluster_of, resampling.unit, seed=resampling.seed)
-            if np.isfinite(interval.low) and np.isfinite(interval.high):
-                entry["ci95"] = [interval.low, interval.high]
-                entry["ci_method"] = interval.describe()
-        summary[name] = entry
-    return summary
 
 
 @dataclass

@@ -8,12 +8,15 @@ is one problem of a single batched solve; the test split is the task's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from retbench.errors import DataError
 from retbench.protocols.base import Context, Probe, ProtocolOutput, evaluate_runs, solve_probes
+from retbench.spec import TaskSpec
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 
@@ -28,7 +31,26 @@ class FewShot:
     seeds: tuple[int, ...] = tuple(range(10))
     C: float = 1.0
     strict: bool = False  # True when the user chose the shots: a class with fewer than k examples is an error
-    needs_text: bool = False
+    kind: str = "classification"
+    run_options: ClassVar[frozenset[str]] = frozenset({"shots", "seeds"})
+
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Never: it fits probes on image features."""
+        return False
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's metrics."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> FewShot:
+        """The shots you chose (then strict: a class with fewer than k training examples is an error) and
+        seeds ``0 .. seeds - 1``."""
+        changes: dict[str, Any] = {}
+        if shots:
+            changes.update(shots=tuple(shots), strict=True)
+        if seeds:
+            changes["seeds"] = tuple(range(seeds))
+        return dataclasses.replace(self, **changes) if changes else self
 
     def run(self, ctx: Context) -> ProtocolOutput:
         """Sample supports, fit all in one batch, score on the test split."""
@@ -55,7 +77,7 @@ class FewShot:
         probas = solve_probes(ctx.features(), y, n_classes, probes, ctx.device, balanced=True, standardize=True,
                               stats=solver)
         raw = [(s, k, test, p, {"support": sup.tolist()}) for (k, s, sup), p in zip(plans, probas)]
-        runs = evaluate_runs(ctx.spec.metrics, raw, y)
+        runs = evaluate_runs(self.metric_names(ctx.spec), raw, y)
         settings = {"shots": shots, "skipped_shots": skipped, "seeds": list(self.seeds), "C": self.C,
                     "rule": "support-set z-score, class-balanced logistic regression, fixed C; no validation data",
                     "solver": solver}

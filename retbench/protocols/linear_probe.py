@@ -30,6 +30,7 @@ over every class's one-hot column (both columns for binary tasks).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 from retbench.data.splits import holdout, per_class_holdout
 from retbench.metrics import METRICS
 from retbench.protocols.base import Context, Probe, ProtocolOutput, evaluate_runs, solve_probes
+from retbench.spec import TaskSpec
 
 DEFAULT_CS = tuple(float(c) for c in 10.0 ** np.arange(-4, 2.01, 0.5))
 RETFOUND_METRICS = ("accuracy", "f1_macro", "auroc", "aupr_retfound", "kappa_unweighted")
@@ -58,13 +60,26 @@ class LinearProbe:
     flair_folds: bool = False
     flair_split: str = "release"  # with flair_folds: "release" (FLAIR's own draw) or "grouped" (by patient)
     metrics: tuple[str, ...] | None = None
-    needs_text: bool = False
+    kind: str = "classification"
 
-    def metric_names(self, ctx: Context) -> tuple[str, ...]:
+    @property
+    def run_options(self) -> frozenset[str]:
+        """``seeds``, except for FLAIR's folds (their number is FLAIR's)."""
+        return frozenset() if self.flair_folds else frozenset({"seeds"})
+
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Never: it fits probes on image features."""
+        return False
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
         """The task's metrics, or the preset's set (plus the task's primary metric)."""
         if self.metrics is None:
-            return ctx.spec.metrics
-        return tuple(dict.fromkeys((*self.metrics, ctx.spec.primary_metric)))
+            return spec.metrics
+        return tuple(dict.fromkeys((*self.metrics, spec.primary_metric)))
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> LinearProbe:
+        """Seeds ``0 .. seeds - 1`` where it takes them (not FLAIR's folds); shots do not apply."""
+        return dataclasses.replace(self, seeds=tuple(range(seeds))) if seeds and "seeds" in self.run_options else self
 
     def run(self, ctx: Context) -> ProtocolOutput:
         """Fit and evaluate; returns one run per seed."""
@@ -74,7 +89,7 @@ class LinearProbe:
         probes = [Probe(fit, C, test) for _, fit, C, test in plans]
         probas = solve_probes(x, y, n_classes, probes, ctx.device, self.balanced, self.standardize, solver)
         raw = [(seed, None, test, p, {"C": C, "n_fit": int(len(fit))}) for (seed, fit, C, test), p in zip(plans, probas)]
-        runs = evaluate_runs(self.metric_names(ctx), raw, y)
+        runs = evaluate_runs(self.metric_names(ctx.spec), raw, y)
         settings = {"seeds": sorted({r.seed for r in runs}), "Cs": list(self.Cs) if not self.flair_folds else list(self.Cs[:1]),
                     "balanced": self.balanced, "standardize": self.standardize, "val_fraction": self.val_fraction,
                     "flair_folds": self.flair_folds, "patient_grouped": self._grouped(ctx), "solver": solver}
@@ -99,9 +114,9 @@ class LinearProbe:
                 shared = test_p & fit_p
                 leakage.append({"fold": int(fold), "test_patients": len(test_p), "test_patients_in_train": len(shared),
                                 "test_images_of_those": int(sum(p in shared for p in patients[test]))})
-        per_class = {n for n in self.metric_names(ctx) if METRICS.get(n).per_class}
+        per_class = {n for n in self.metric_names(ctx.spec) if METRICS.get(n).per_class}
         std: dict[str, float | None] = {}
-        for n in self.metric_names(ctx):
+        for n in self.metric_names(ctx.spec):
             if n not in per_class:
                 value = float(np.std(np.array([r.metrics[n] for r in runs], dtype=float), ddof=0))
                 std[n] = None if np.isnan(value) else value

@@ -26,41 +26,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from sklearn.model_selection import GroupKFold
 
 from retbench import resampling as rs
 from retbench.data.pairs import PairData
 from retbench.errors import DataError
 from retbench.metrics import rank_metric, rank_values, tie_counts
-from retbench.protocols.kind_output import KindOutput, part_means, summarize_flat
+from retbench.protocols.base import Context, ProtocolOutput, Run, part_means
 from retbench.spec import DirectionSpec, TaskSpec
 
 TOP = 10  # gallery items stored per query (the top of its ranking)
 TEXT_BATCH = 256
 
 
-@dataclass
-class RetrievalContext:
-    """Inputs of one retrieval run; feature getters are lazy (extracted or cached on first use).
+def pairs_of(ctx: Context) -> PairData:
+    """The pairs of a retrieval task's context (``ctx.splits`` index them)."""
+    assert isinstance(ctx.data, PairData), "a retrieval protocol needs a retrieval task"
+    return ctx.data
 
-    ``features(side, joint)`` returns the image features of an image side, one row per pair (NaN
-    rows: unreadable images); ``joint=True`` selects the image-text space (text models only).
-    """
 
-    spec: TaskSpec
-    pairs: PairData
-    features: Callable[[str, bool], np.ndarray]
-    encode_text: Callable[[list[str]], np.ndarray] | None
-    device: torch.device
-
-    @property
-    def has_text(self) -> bool:
-        """Whether the model has a text tower (and an image-text space)."""
-        return self.encode_text is not None
+def side_features(ctx: Context, side: str, joint: bool) -> np.ndarray:
+    """An image side's features, one row per pair (NaN rows: unreadable images); ``joint`` selects the
+    image-text space (text models only)."""
+    if joint:
+        assert ctx.joint_features is not None
+        return ctx.joint_features(side)
+    return ctx.features(side)
 
 
 @dataclass
@@ -122,38 +116,40 @@ def rank_direction(pairs: PairData, direction: DirectionSpec, indices: np.ndarra
     return DirectionResult(np.asarray(indices), np.asarray(indices)[first], h, t, m, np.asarray(indices)[first][top])
 
 
-def _valid_pairs(ctx: RetrievalContext, sides: list[str], joint: bool) -> np.ndarray:
-    valid = np.ones(len(ctx.pairs), dtype=bool)
+def _valid_pairs(ctx: Context, sides: list[str], joint: bool) -> np.ndarray:
+    pairs = pairs_of(ctx)
+    valid = np.ones(len(pairs), dtype=bool)
     for name in sides:
-        if ctx.pairs.sides[name].spec.type == "image":
-            valid &= np.isfinite(ctx.features(name, joint)).all(axis=1)
+        if pairs.sides[name].spec.type == "image":
+            valid &= np.isfinite(side_features(ctx, name, joint)).all(axis=1)
     return valid
 
 
-def _split(ctx: RetrievalContext, name: str, valid: np.ndarray) -> np.ndarray:
-    if name not in ctx.pairs.splits:
+def _split(ctx: Context, name: str, valid: np.ndarray) -> np.ndarray:
+    if name not in ctx.splits:
         raise DataError(f"task '{ctx.spec.name}': no '{name}' split")
-    idx = ctx.pairs.splits[name]
+    idx = ctx.splits[name]
     idx = idx[valid[idx]]
     if len(idx) < 2:
         raise DataError(f"task '{ctx.spec.name}': split '{name}' has {len(idx)} readable pairs; retrieval needs 2")
     return idx
 
 
-def _units(ctx: RetrievalContext, test: np.ndarray) -> tuple[list[Any], str]:
+def _units(ctx: Context, test: np.ndarray) -> tuple[list[Any], str]:
     """The resampling unit of each test pair: its patient where the task has patient ids, else the pair.
 
     The gallery stays fixed; the queries of the drawn units are scored against it.
     """
-    patients = [ctx.pairs.patients[i] for i in test]
-    if ctx.spec.splits.by_patient and len(set(ctx.pairs.patients)) < len(ctx.pairs.patients):
+    pairs = pairs_of(ctx)
+    patients = [pairs.patients[i] for i in test]
+    if ctx.spec.splits.by_patient and len(set(pairs.patients)) < len(pairs.patients):
         return patients, "patient"
     return [int(i) for i in test], "pair"
 
 
-def _finish(ctx: RetrievalContext, results: dict[str, DirectionResult], test: np.ndarray, settings: dict[str, Any],
-            extra: dict[str, Any], n_unreadable: int) -> KindOutput:
-    """Metrics per direction and their means, the bootstrap CIs and the JSON-ready run."""
+def _finish(ctx: Context, results: dict[str, DirectionResult], test: np.ndarray, settings: dict[str, Any],
+            extra: dict[str, Any], n_unreadable: int) -> ProtocolOutput:
+    """Metrics per direction and their means, the bootstrap CI of a headline metric and the JSON-ready run."""
     names = ctx.spec.metrics
     per_direction = {d: {n: rank_metric(n, r.values(n)) for n in names} for d, r in results.items()}
     run_metrics = part_means(per_direction, names)
@@ -165,10 +161,9 @@ def _finish(ctx: RetrievalContext, results: dict[str, DirectionResult], test: np
         return rs.bootstrap_statistic(lambda i: float(np.mean([rank_metric(name, v[i]) for v in values[name]])), units,
                                       unit, seed=rs.task_seed(ctx.spec.name))
 
-    summary = summarize_flat([run_metrics], interval, tuple(names))
-    run = {"seed": 0, "k": None, "metrics": run_metrics, "directions": {d: r.to_dict() for d, r in results.items()},
-           **extra}
-    return KindOutput([run], summary, settings, int(len(test)), {"unreadable_pairs": n_unreadable})
+    run = Run(0, run_metrics, None, {"directions": {d: r.to_dict() for d, r in results.items()}, **extra})
+    return ProtocolOutput([run], settings, n_test=int(len(test)), notes={"unreadable_pairs": n_unreadable},
+                          interval=interval)
 
 
 @dataclass(frozen=True)
@@ -179,35 +174,43 @@ class ZeroShotRetrieval:
     description: str = ("no training: cosine similarity on the test pairs (image-text: the image-text space; "
                         "image-image: the image-text space of text models, else the probe features); ties count half")
     kind: str = "retrieval"
-    needs_text: bool = False  # only for directions with a text side: see requires_text
+    run_options: ClassVar[frozenset[str]] = frozenset()
 
-    def requires_text(self, spec: TaskSpec) -> bool:
+    def needs_text(self, spec: TaskSpec) -> bool:
         """Whether any direction of ``spec`` ranks texts (vision-only models are then skipped)."""
         assert spec.retrieval is not None
         return any(spec.retrieval.needs_text(d) for d in spec.retrieval.directions)
 
-    def run(self, ctx: RetrievalContext) -> KindOutput:
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's rank metrics, each the mean over directions (``<direction>/<metric>`` besides)."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> ZeroShotRetrieval:
+        """Itself: nothing is sampled or fitted."""
+        return self
+
+    def run(self, ctx: Context) -> ProtocolOutput:
         """Rank every direction on the test pairs."""
         assert ctx.spec.retrieval is not None
-        directions = ctx.spec.retrieval.directions
+        directions, pairs = ctx.spec.retrieval.directions, pairs_of(ctx)
         joint = ctx.has_text
         used = sorted({s for d in directions for s in (d.query, d.gallery)})
         valid = _valid_pairs(ctx, used, joint)
         test = _split(ctx, "test", valid)
         embeddings = {}
         for name in used:
-            side = ctx.pairs.sides[name]
+            side = pairs.sides[name]
             if side.spec.type == "text":
                 assert ctx.encode_text is not None
                 embeddings[name] = encode_texts(ctx.encode_text, side.texts(test))
             else:
-                embeddings[name] = ctx.features(name, joint)[test]
-        results = {d.name: rank_direction(ctx.pairs, d, test, embeddings[d.query], embeddings[d.gallery])
+                embeddings[name] = side_features(ctx, name, joint)[test]
+        results = {d.name: rank_direction(pairs, d, test, embeddings[d.query], embeddings[d.gallery])
                    for d in directions}
         space = "image-text embeddings" if joint else "probe features"
         settings = {"similarity": "cosine", "directions": [d.name for d in directions],
                     "ties": "expected over random tie-breaks: rank = 1 + higher + tied / (relevant tied + 1)"}
-        return _finish(ctx, results, test, settings, {"image_space": space}, int((~valid[ctx.pairs.splits["test"]]).sum()))
+        return _finish(ctx, results, test, settings, {"image_space": space}, int((~valid[ctx.splits["test"]]).sum()))
 
 
 def standardise(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -232,15 +235,23 @@ class LinearMapRetrieval:
     description: str = ("image-image: ridge map from query to gallery probe features, standardised and fitted on the "
                         "train pairs (alpha by grouped 5-fold CV, MRR), cosine on the test pairs; ties count half")
     kind: str = "retrieval"
-    needs_text: bool = False
+    run_options: ClassVar[frozenset[str]] = frozenset()
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
     folds: int = 5
 
-    def requires_text(self, spec: TaskSpec) -> bool:
+    def needs_text(self, spec: TaskSpec) -> bool:
         """Never: it maps image features only."""
         return False
 
-    def run(self, ctx: RetrievalContext) -> KindOutput:
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's rank metrics, each the mean over its image-image directions (``<direction>/<metric>`` besides)."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> LinearMapRetrieval:
+        """Itself: its folds are deterministic (grouped, no seed)."""
+        return self
+
+    def run(self, ctx: Context) -> ProtocolOutput:
         """Fit one map per image↔image direction on train, rank the test pairs."""
         assert ctx.spec.retrieval is not None
         directions = [d for d in ctx.spec.retrieval.directions if not ctx.spec.retrieval.needs_text(d)]
@@ -249,12 +260,12 @@ class LinearMapRetrieval:
         train, test = _split(ctx, "train", valid), _split(ctx, "test", valid)
         results, chosen, cv = {}, {}, {}
         for d in directions:
-            xq, xg = ctx.features(d.query, False).astype(np.float64), ctx.features(d.gallery, False).astype(np.float64)
+            xq, xg = ctx.features(d.query).astype(np.float64), ctx.features(d.gallery).astype(np.float64)
             alpha, scores = self._choose_alpha(ctx, d, train, xq, xg)
             q_fit, q_test = standardise(xq[train], xq[test])
             g_fit, g_test = standardise(xg[train], xg[test])
             mapped = q_test @ ridge_map(q_fit, g_fit, alpha)
-            results[d.name] = rank_direction(ctx.pairs, d, test, mapped, g_test)
+            results[d.name] = rank_direction(pairs_of(ctx), d, test, mapped, g_test)
             chosen[d.name], cv[d.name] = alpha, scores
         settings = {"similarity": "cosine after the map", "directions": [d.name for d in directions],
                     "alphas": list(self.alphas), "folds": self.folds, "selection": "mean reciprocal rank over "
@@ -264,11 +275,12 @@ class LinearMapRetrieval:
                     "n_train_pairs": int(len(train)),
                     "ties": "expected over random tie-breaks: rank = 1 + higher + tied / (relevant tied + 1)"}
         return _finish(ctx, results, test, settings, {"alpha": chosen, "cv_mrr": cv},
-                       int((~valid[ctx.pairs.splits["test"]]).sum()))
+                       int((~valid[ctx.splits["test"]]).sum()))
 
-    def _choose_alpha(self, ctx: RetrievalContext, d: DirectionSpec, train: np.ndarray, xq: np.ndarray,
+    def _choose_alpha(self, ctx: Context, d: DirectionSpec, train: np.ndarray, xq: np.ndarray,
                       xg: np.ndarray) -> tuple[float, dict[str, float]]:
-        groups = np.asarray(ctx.pairs.patients, dtype=object)[train]
+        pairs = pairs_of(ctx)
+        groups = np.asarray(pairs.patients, dtype=object)[train]
         n_folds = min(self.folds, len(set(groups)))
         if n_folds < 2:
             return self.alphas[len(self.alphas) // 2], {}
@@ -281,7 +293,7 @@ class LinearMapRetrieval:
                     continue
                 q_fit, q_val = standardise(xq[train[fit]], xq[train[val]])
                 g_fit, g_val = standardise(xg[train[fit]], xg[train[val]])
-                res = rank_direction(ctx.pairs, d, train[val], q_val @ ridge_map(q_fit, g_fit, alpha), g_val)
+                res = rank_direction(pairs, d, train[val], q_val @ ridge_map(q_fit, g_fit, alpha), g_val)
                 mrr.append(float(np.mean(res.values("mrr"))))
             means[alpha] = float(np.mean(mrr)) if mrr else float("nan")
         best = max(self.alphas, key=lambda a: (np.nan_to_num(means[a], nan=-1.0), a))  # ties: stronger penalty

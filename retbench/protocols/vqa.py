@@ -22,19 +22,16 @@ and averaged without weights over the question types (``accuracy``, ``balanced_a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-import torch
 
 from retbench import resampling as rs
 from retbench.data.examples import Examples
 from retbench.data.questions import QuestionData
 from retbench.errors import DataError
-from retbench.metrics import METRICS
-from retbench.protocols.base import Context, ProtocolOutput, Resampling
-from retbench.protocols.kind_output import KindOutput, part_means, summarize_flat
+from retbench.protocols.base import Context, ProtocolOutput, Run, part_means
 from retbench.protocols.linear_probe import LINEAR_PROBE
 from retbench.protocols.zero_shot import ZERO_SHOT
 from retbench.spec import ClassSpec, TaskSpec
@@ -42,26 +39,19 @@ from retbench.spec import ClassSpec, TaskSpec
 ZERO_SHOT_SCALE = 100.0
 
 
-@dataclass
-class VQAContext:
-    """Inputs of one VQA run: the images' answers, the image-level split and lazy feature getters."""
-
-    spec: TaskSpec
-    data: QuestionData
-    splits: dict[str, np.ndarray]
-    features: Callable[[], np.ndarray]
-    joint_features: Callable[[], np.ndarray] | None
-    encode_text: Callable[[list[str]], np.ndarray] | None
-    device: torch.device
-    valid: Callable[[], np.ndarray]
+def questions_of(ctx: Context) -> QuestionData:
+    """The questions of a VQA task's context: per image (``ctx.examples``), its answer to each."""
+    assert isinstance(ctx.data, QuestionData), "a VQA protocol needs a VQA task"
+    return ctx.data
 
 
-def question_task(ctx: VQAContext, q: int) -> tuple[Context, np.ndarray]:
+def question_task(ctx: Context, q: int) -> tuple[Context, np.ndarray]:
     """Question ``q`` as a classification :class:`Context` over the images it is asked about, and those images' indices."""
     assert ctx.spec.vqa is not None
+    data = questions_of(ctx)
     question = ctx.spec.vqa.questions[q]
-    rows = np.flatnonzero(ctx.data.asked(q) & ctx.valid())
-    position = np.full(len(ctx.data.examples), -1)
+    rows = np.flatnonzero(data.asked(q) & ctx.valid())
+    position = np.full(len(data.examples), -1)
     position[rows] = np.arange(len(rows))
     splits = {s: position[idx][position[idx] >= 0] for s, idx in ctx.splits.items()}
     for s in ("train", "test"):
@@ -72,8 +62,8 @@ def question_task(ctx: VQAContext, q: int) -> tuple[Context, np.ndarray]:
     spec = dataclasses.replace(ctx.spec, name=f"{ctx.spec.name}/{question.name}", kind="classification",
                                problem="binary" if len(classes) == 2 else "multiclass", classes=classes,
                                prompt_template="{}", vqa=None)
-    ex = ctx.data.examples
-    examples = Examples(ids=[ex.ids[i] for i in rows], labels=ctx.data.answers[rows, q], patients=[ex.patients[i] for i in rows],
+    ex = data.examples
+    examples = Examples(ids=[ex.ids[i] for i in rows], labels=data.answers[rows, q], patients=[ex.patients[i] for i in rows],
                         given_split=None, images=ex.images)
     joint = ctx.joint_features
     sub = Context(spec=spec, examples=examples, splits=splits, features=lambda: ctx.features()[rows],
@@ -82,11 +72,12 @@ def question_task(ctx: VQAContext, q: int) -> tuple[Context, np.ndarray]:
     return sub, rows
 
 
-def combine(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]]) -> KindOutput:
-    """Per-seed runs with per-question and mean metrics; summaries with the bootstrap over test patients × runs."""
+def combine(ctx: Context, outputs: dict[str, tuple[ProtocolOutput, np.ndarray]]) -> ProtocolOutput:
+    """Per-seed runs with per-question and mean metrics; each run's predictions are its questions' (the
+    bootstrap resamples test patients × runs, a replicate's metric the mean over questions)."""
     names = ctx.spec.metrics
     seeds = sorted({r.seed for out, _ in outputs.values() for r in out.runs})
-    runs, run_metrics, predictions = [], [], []
+    runs, test_images = [], set()
     for seed in seeds:
         per_q, records, parts = {}, {}, []
         for qname, (out, rows) in outputs.items():
@@ -96,19 +87,10 @@ def combine(ctx: VQAContext, outputs: dict[str, tuple[ProtocolOutput, np.ndarray
             records[qname] = {"index": rows[run.indices].tolist(), "y_true": run.y_true.tolist(),
                               "proba": proba.tolist(), **run.extra}
             parts.append((qname, rs.RunPredictions((seed, 0), rows[run.indices], np.asarray(run.y_true), proba)))
-        metrics = part_means(per_q, names)
-        run_metrics.append(metrics)
-        runs.append({"seed": seed, "k": None, "metrics": metrics, "questions": records})
-        predictions.append(rs.RunPredictions.of_parts((seed, 0), [p for _, p in sorted(parts, key=lambda qp: qp[0])]))
-    test_images = sorted({i for out, rows in outputs.values() for r in out.runs for i in rows[r.indices].tolist()})
-    resampling = Resampling.of(ctx.spec, ctx.data.examples)
-
-    def interval(name: str) -> rs.Interval:  # a headline metric: the mean over question types
-        return rs.bootstrap(METRICS.get(name), predictions, resampling.cluster_of, resampling.unit,
-                            seed=resampling.seed)
-
-    summary = summarize_flat(run_metrics, interval, tuple(names))
-    return KindOutput(runs, summary, {}, len(test_images), resampling=resampling.to_dict(test_images))
+        predictions = rs.RunPredictions.of_parts((seed, 0), [p for _, p in sorted(parts, key=lambda qp: qp[0])])
+        runs.append(Run(seed, part_means(per_q, names), None, {"questions": records}, predictions))
+        test_images.update(predictions.index.tolist())
+    return ProtocolOutput(runs, {}, n_test=len(test_images))
 
 
 @dataclass(frozen=True)
@@ -119,9 +101,21 @@ class VQAZeroShot:
     description: str = ("each candidate answer's 'question + answer' texts against the image-text embedding, "
                         "softmax(100 x cosine), best answer; per question type, on test")
     kind: str = "vqa"
-    needs_text: bool = True
+    run_options: ClassVar[frozenset[str]] = frozenset()
 
-    def run(self, ctx: VQAContext) -> KindOutput:
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Always: it scores answer texts."""
+        return True
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's metrics, each the mean over question types (``<question>/<metric>`` besides)."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> VQAZeroShot:
+        """Itself: nothing is sampled or fitted."""
+        return self
+
+    def run(self, ctx: Context) -> ProtocolOutput:
         """Answer every question about every test image it is asked about."""
         assert ctx.spec.vqa is not None
         outputs = {}
@@ -146,10 +140,22 @@ class VQAProbe:
     description: str = ("per question type, a logistic-regression head on frozen image features (the question selects "
                         "the head); C searched on validation carved from train by patient, 5 seeds")
     kind: str = "vqa"
-    needs_text: bool = False
     seeds: tuple[int, ...] = LINEAR_PROBE.seeds
+    run_options: ClassVar[frozenset[str]] = frozenset({"seeds"})
 
-    def run(self, ctx: VQAContext) -> KindOutput:
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Never: it fits heads on image features."""
+        return False
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's metrics, each the mean over question types (``<question>/<metric>`` besides)."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> VQAProbe:
+        """Seeds ``0 .. seeds - 1``; shots do not apply."""
+        return dataclasses.replace(self, seeds=tuple(range(seeds))) if seeds else self
+
+    def run(self, ctx: Context) -> ProtocolOutput:
         """Fit and score one head per question, per seed."""
         assert ctx.spec.vqa is not None
         probe = dataclasses.replace(LINEAR_PROBE, seeds=self.seeds)

@@ -10,11 +10,13 @@ logit_scale × similarity. Prompts, renormalisation and the scale follow the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from retbench.adapters import ZeroShotSetup
 from retbench.protocols.base import Context, ProtocolOutput, evaluate_runs
+from retbench.spec import TaskSpec
 
 
 def class_embeddings(encode_text, prompts: list[list[str]], renormalize: bool = True, encode_class=None) -> np.ndarray:
@@ -43,7 +45,20 @@ class ZeroShot:
     name: str = "zero_shot"
     description: str = ("prompt ensembles: normalise, average per class (renormalised unless the release does not); "
                         "softmax(logit_scale x similarity) on test")
-    needs_text: bool = True
+    kind: str = "classification"
+    run_options: ClassVar[frozenset[str]] = frozenset()
+
+    def needs_text(self, spec: TaskSpec) -> bool:
+        """Always: it scores class prompts."""
+        return True
+
+    def metric_names(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The task's metrics."""
+        return spec.metrics
+
+    def with_options(self, shots: tuple[int, ...] | None = None, seeds: int | None = None) -> ZeroShot:
+        """Itself: nothing is sampled or fitted."""
+        return self
 
     def run(self, ctx: Context) -> ProtocolOutput:
         """Score the test split against the class prompts of the model's convention."""
@@ -56,7 +71,7 @@ class ZeroShot:
         logits = setup.logit_scale * img @ classes.T
         proba = np.exp(logits - logits.max(axis=1, keepdims=True))
         proba /= proba.sum(axis=1, keepdims=True)
-        runs = evaluate_runs(ctx.spec.metrics, [(0, None, test, proba, {})], ctx.examples.labels)
+        runs = evaluate_runs(self.metric_names(ctx.spec), [(0, None, test, proba, {})], ctx.examples.labels)
         return ProtocolOutput(runs, {"prompts": prompts, "logit_scale": setup.logit_scale,
                                      "renormalize_class_embeddings": setup.renormalize})
 

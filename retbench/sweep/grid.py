@@ -308,14 +308,15 @@ class Job:
 
 
 def _protocol_settings(protocol: str, seeds: int | None, shots: tuple[int, ...] | None) -> dict[str, Any]:
-    """The run options that change ``protocol``'s numbers (as ``evaluate.configured_protocol`` applies them)."""
+    """The run options that change ``protocol``'s numbers (its ``run_options``, as ``runner.configured_protocol``
+    applies them)."""
     from retbench.protocols import PROTOCOLS
 
-    proto = PROTOCOLS.get(protocol)
+    takes = PROTOCOLS.get(protocol).run_options
     out: dict[str, Any] = {}
-    if shots and hasattr(proto, "shots"):
+    if shots and "shots" in takes:
         out["shots"] = sorted(int(k) for k in shots)
-    if seeds and hasattr(proto, "seeds") and not getattr(proto, "flair_folds", False):
+    if seeds and "seeds" in takes:
         out["seeds"] = int(seeds)
     return out
 
@@ -372,7 +373,7 @@ def expand_jobs(grid: Grid) -> list[Job]:
             for p in wanted:
                 if p not in allowed:
                     na.append((p, f"task '{spec.name}' does not allow {p}"))
-                elif PROTOCOLS.get(p).needs_text and not has_text:
+                elif PROTOCOLS.get(p).needs_text(spec) and not has_text:
                     na.append((p, f"model '{model}' has no text tower"))
                 else:
                     protocols.append(p)
