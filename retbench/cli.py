@@ -298,7 +298,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.protocol:
         frame = frame[frame["protocol"].isin(_csv_list(args.protocol))]
     if args.csv:
-        from retbench.io import atomic_write_bytes
+        from retbench.atomic_files import atomic_write_bytes
 
         try:  # the folder is created; the file is complete or absent
             atomic_write_bytes(Path(args.csv), frame.to_csv(index=False).encode())

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retbench.adapters import Adapter
+from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.data.examples import Examples, FileImages
 from retbench.errors import DataError
-from retbench.io import atomic_write_bytes, atomic_write_json
 from retbench.preprocess import Preprocess, normalize
 from retbench.progress import progress_bar
 

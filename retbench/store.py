@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from retbench.atomic_files import atomic_write_json
 from retbench.errors import RetbenchError
-from retbench.io import atomic_write_json
 
 
 def safe_name(name: str) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from retbench.adapters import load_model
 from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
-from retbench.text import minilm_dir
+from retbench.text_tokenizers import minilm_dir
 from retbench.weights import WeightsMissingError
 
 FILE = "open_clip_pytorch_model.bin"

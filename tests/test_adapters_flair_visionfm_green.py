@@ -25,7 +25,7 @@ from retbench.errors import RetbenchError
 from retbench.preprocess import normalize
 from retbench.protocols.zero_shot import class_embeddings
 from retbench.tasks import get_task
-from retbench.text import minilm_dir, wordpiece_tokenizer
+from retbench.text_tokenizers import minilm_dir, wordpiece_tokenizer
 from retbench.weights import WeightsMissingError
 
 # huggingface.co/emilyalsentzer/Bio_ClinicalBERT config.json, written out independently of the adapter

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from retbench.io import atomic_write_bytes
+from retbench.atomic_files import atomic_write_bytes
 
 HASH_SIDE = 64
 HASH_FREQ = 16

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.errors import RetbenchError
-from retbench.io import atomic_write_bytes, atomic_write_json
 from retbench.preprocess import Preprocess
 from retbench.pretrain.recipe import RECIPES, Recipe, Settings
 from retbench.progress import progress_bar
@@ -235,7 +235,7 @@ def _train(recipe: Recipe, optimizer: torch.optim.Optimizer, settings: Settings,
 
 def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any], out: Path,
             config: PretrainConfig, determinism: dict[str, Any] | None = None) -> None:
-    from retbench.local_format import save_local_model
+    from retbench.local_model_format import save_local_model
 
     parts = recipe.export()
     card = {
