@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from retbench.model_adapters.visionfm import VisionFMAdapter
 
-from model_adapters.visionfm import VisionFMAdapter
 from retbench.adapters import load_model
 from retbench.errors import RetbenchError
 from retbench.preprocess import normalize

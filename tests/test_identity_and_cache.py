@@ -32,7 +32,7 @@ def _sha(path: Path) -> str:
 
 
 def _tinyclip_weights(path: Path, seed: int) -> Path:
-    from model_adapters.tinyclip import TinyClipNet
+    from retbench.model_adapters.tinyclip import TinyClipNet
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
