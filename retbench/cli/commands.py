@@ -297,10 +297,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.csv:
         from retbench.atomic_files import atomic_write_bytes
 
+        target = Path(args.csv)
         try:  # the folder is created; the file is complete or absent
-            atomic_write_bytes(Path(args.csv), frame.to_csv(index=False).encode())
-        except OSError as exc:
-            raise RetbenchError(f"--csv {args.csv}: cannot write: {exc.strerror or exc}") from None
+            atomic_write_bytes(target, frame.to_csv(index=False).encode())
+        except RetbenchError as exc:  # "cannot write <file>: <why>": say which option named the file
+            why = str(exc).removeprefix(f"cannot write {target}: ")
+            raise RetbenchError(f"--csv {args.csv}: cannot write: {why}") from None
         err.print(f"wrote {len(frame)} rows to {args.csv}")
     table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "runs", "n test")
     for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):
