@@ -31,7 +31,7 @@ Tokenizer: WordPiece, lowercased, from ``vocab.txt`` (looked up beside ``--weigh
 open_clip's ``hf_tokenizer_name`` names; the two copies are assumed identical, unverified); texts are whitespace-
 normalised and padded/truncated to 256 tokens (open_clip ``src/open_clip/tokenizer.py``,
 ``HFTokenizer`` with ``clean='whitespace'``, ``padding='max_length'``). With ``--weights
-random`` MiniLM's vocabulary stands in (:func:`retbench.text.stand_in_tokenizer`).
+random`` MiniLM's vocabulary stands in (:func:`retbench.text_tokenizers.stand_in_tokenizer`).
 
 Preprocessing: shortest side to 224 (bicubic), centre crop 224, CLIP mean/std (the config's
 ``preprocess_cfg`` mean/std with open_clip's ``PreprocessCfg`` defaults, ``src/open_clip/transform.py``).
@@ -139,7 +139,7 @@ class BiomedClipAdapter(Adapter):
 
     def build(self) -> None:
         """Build CustomTextCLIP offline; load the open_clip checkpoint strictly unless ``--weights random``."""
-        from retbench.text import stand_in_tokenizer, wordpiece_tokenizer
+        from retbench.text_tokenizers import stand_in_tokenizer, wordpiece_tokenizer
 
         checkpoint = vocab = None
         if not self.random_init:  # find both files before the (slow) build, so a missing one fails fast

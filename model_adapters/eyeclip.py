@@ -41,8 +41,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from retbench.model_adapters.clip import CLIP_PREPROCESS, OpenClipModelAdapter
 
-from model_adapters.clip import CLIP_PREPROCESS, OpenClipModelAdapter
 from retbench.adapters import WeightsTag, ZeroShotSetup, register_adapter
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 

@@ -235,7 +235,7 @@ class FlairAdapter(Adapter):
     def build(self) -> None:
         """The FLAIR modules on ``self.device``: seeded random init, or the released state dict."""
         if self.random_init:
-            from retbench.text import stand_in_tokenizer
+            from retbench.text_tokenizers import stand_in_tokenizer
 
             self.tokenizer = stand_in_tokenizer(BIO_CLINICALBERT_CONFIG["vocab_size"], CONTEXT_LENGTH, lowercase=True)
         else:  # find both files before building anything: a missing one fails fast
@@ -253,7 +253,7 @@ class FlairAdapter(Adapter):
 
     def _release_tokenizer(self) -> Any:
         """Bio_ClinicalBERT's WordPiece vocabulary, lower-casing as FLAIR's AutoTokenizer did."""
-        from retbench.text import wordpiece_tokenizer
+        from retbench.text_tokenizers import wordpiece_tokenizer
 
         # vocab.txt beside a --weights checkpoint wins; then RETBENCH_WEIGHTS, the hub cache of Bio_ClinicalBERT
         vocab = self.weights_file("vocab.txt", what="tokenizer", hub_id=TOKENIZER_HUB_ID,

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from retbench.model_adapters.clip import CLIP_PREPROCESS
 
-from model_adapters.clip import CLIP_PREPROCESS
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import Preprocess

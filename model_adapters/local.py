@@ -1,8 +1,8 @@
 """Models trained by retbench itself (family ``local``): ``local:PATH``.
 
 ``PATH`` (relative or absolute) is a folder in the ``retbench.local/1`` format described in
-:mod:`retbench.local_format` (``retbench_model.json`` + ``model.safetensors`` [+ ``text/``]);
-:func:`retbench.local_format.save_local_model` writes it. The folder defines everything:
+:mod:`retbench.local_model_format` (``retbench_model.json`` + ``model.safetensors`` [+ ``text/``]);
+:func:`retbench.local_model_format.save_local_model` writes it. The folder defines everything:
 
 - image features for probes: the timm model's pooled output (``num_classes=0``);
 - with a text tower: image-text embeddings ``visual_proj(feature)`` and
@@ -27,7 +27,7 @@ from torch import nn
 
 from retbench.adapters import Adapter, WeightsTag, ZeroShotSetup, register_adapter
 from retbench.errors import RetbenchError
-from retbench.local_format import WEIGHTS_FILE, LocalFormatError, LocalModelConfig, read_local_config
+from retbench.local_model_format import CODE_ID, WEIGHTS_FILE, LocalFormatError, LocalModelConfig, read_local_config
 
 if TYPE_CHECKING:
     from retbench.spec import TaskSpec
@@ -65,7 +65,7 @@ class LocalAdapter(Adapter):
             folder.name, f"retbench local model {folder}", cfg.preprocess,
             licence=str(cfg.card.get("licence", "per model (see its card)")),
             feature=f"{cfg.timm_name} pooled features{text}", description=cfg.recipe,
-            filename=WEIGHTS_FILE, code="retbench.local_format", options={"folder": str(folder)},
+            filename=WEIGHTS_FILE, code=CODE_ID, options={"folder": str(folder)},
         )
 
     def checkpoint(self) -> Path | None:

@@ -33,8 +33,8 @@ import os
 from typing import Any, ClassVar
 
 import torch
+from retbench.model_adapters.clip import OPEN_CLIP_BIN, OPEN_CLIP_SAFETENSORS, OpenClipModelAdapter
 
-from model_adapters.clip import OPEN_CLIP_BIN, OPEN_CLIP_SAFETENSORS, OpenClipModelAdapter
 from retbench.adapters import WeightsTag, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess

@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from retbench.model_adapters._mae_vit import MaeVitAdapter
 
-from model_adapters._mae_vit import MaeVitAdapter
 from retbench.adapters import WeightsTag, register_adapter
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 

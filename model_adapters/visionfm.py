@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from retbench.model_adapters._mae_vit import interpolate_pos_embed
 
-from model_adapters._mae_vit import interpolate_pos_embed
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import Preprocess

@@ -3,9 +3,9 @@
 A model is named ``family`` or ``family.tag`` (e.g. ``classical``, ``tinyclip.test``), or
 ``family:argument`` for open-ended families (``timm:resnet18``, ``local:PATH``). The tag
 owns where the weights come from and the preprocessing that matches them, so the two can
-never drift apart. Families live one file each in the top-level ``model_adapters``
-package (found automatically) or in third-party packages exposing the entry-point group
-``retbench.adapters``.
+never drift apart. Families live one file each in the ``retbench.model_adapters`` package
+(the repository's ``model_adapters/`` folder, installed under retbench's name; found
+automatically) or in third-party packages exposing the entry-point group ``retbench.adapters``.
 """
 
 from __future__ import annotations
@@ -342,16 +342,16 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 def discover_adapters() -> None:
-    """Import every module of the ``model_adapters`` package once (they self-register)."""
+    """Import every module of the ``retbench.model_adapters`` package once (they self-register)."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    import model_adapters
+    from retbench import model_adapters
 
     for info in pkgutil.iter_modules(model_adapters.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"model_adapters.{info.name}")
+            importlib.import_module(f"{model_adapters.__name__}.{info.name}")
 
 
 def split_model_name(name: str) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""User-facing errors: one line, naming the file, row or key at fault."""
+"""User-facing errors and warnings: one line, naming the file, row or key at fault."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ class UnknownNameError(RetbenchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (the CLI's ``warning:`` lines from library code)."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retbench.adapters import Adapter
+from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.data.examples import Examples, FileImages
-from retbench.errors import DataError
-from retbench.io import atomic_write_bytes, atomic_write_json
+from retbench.errors import DataError, warn
 from retbench.preprocess import Preprocess, normalize
 from retbench.progress import progress_bar
 
@@ -248,8 +248,6 @@ class FeatureCache:
 
     def load(self, key: str, rows: int | None = None) -> Features | None:
         """Cached features of ``rows`` examples, or ``None`` (absent, or damaged: warned, to be recomputed)."""
-        from retbench.store import warn
-
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
         if not (npy.is_file() and meta.is_file()):
             return None

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from retbench.errors import RetbenchError
-from retbench.io import atomic_write_json
+from retbench.atomic_files import atomic_write_json
+from retbench.errors import RetbenchError, warn
 
 
 def safe_name(name: str) -> str:
@@ -112,13 +112,6 @@ def missing_key(data: Any, keys: tuple[str, ...] = REQUIRED_KEYS) -> str | None:
     if not isinstance(data["runs"], list) or not all(isinstance(r, dict) and "seed" in r for r in data["runs"]):
         return "runs[].seed"
     return None
-
-
-def warn(message: str) -> None:
-    """One warning line on stderr (the CLI's ``warning:`` lines from library code)."""
-    import sys
-
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def iter_results(root: Path, keys: tuple[str, ...] = REQUIRED_KEYS) -> Iterator[dict[str, Any]]:

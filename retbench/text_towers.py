@@ -1,9 +1,10 @@
-"""Pretrained text encoders usable as the text tower of retbench's own image-text models.
+"""Pretrained text encoders (torch modules) usable as the text tower of retbench's own image-text models; the
+tokenizers they use come from :mod:`retbench.text_tokenizers`.
 
 A tower is named by a short spec:
 
 - ``minilm``: sentence-transformers all-MiniLM-L6-v2 (384-d), read offline from the bundled
-  package (:func:`retbench.text.minilm_dir`). Sentence-transformers computes this model's
+  package (:func:`retbench.text_tokenizers.minilm_dir`). Sentence-transformers computes this model's
   sentence embedding as the attention-masked mean of the last hidden states followed by L2
   normalisation, with inputs stripped and truncated to 256 tokens (the model folder's
   ``modules.json``, ``1_Pooling/config.json`` and ``sentence_bert_config.json``); the tower's
@@ -102,7 +103,7 @@ def _defaults(spec: str) -> dict[str, Any]:
 def _source(spec: str) -> str:
     """The folder or hub id behind a spec."""
     if spec == MINILM:
-        from retbench.text import minilm_dir
+        from retbench.text_tokenizers import minilm_dir
 
         return str(minilm_dir())
     if spec.startswith("hf:") and len(spec) > 3:

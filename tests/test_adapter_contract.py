@@ -76,7 +76,7 @@ def test_local_models_keep_the_contract(images, tiny_task, tmp_path):
     import timm
     from torch import nn
 
-    from retbench.local_format import save_local_model
+    from retbench.local_model_format import save_local_model
     from retbench.text_towers import load_text_tower
 
     vit = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}

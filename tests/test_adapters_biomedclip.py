@@ -21,7 +21,7 @@ import torch
 
 from retbench.adapters import load_model
 from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
-from retbench.text import minilm_dir
+from retbench.text_tokenizers import minilm_dir
 from retbench.weights import WeightsMissingError
 
 FILE = "open_clip_pytorch_model.bin"
@@ -120,7 +120,7 @@ def test_retbench_weights_env(release: dict, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_tag_facts() -> None:
-    from model_adapters.biomedclip import BiomedClipAdapter
+    from retbench.model_adapters.biomedclip import BiomedClipAdapter
 
     tag = BiomedClipAdapter.tags["vitb16"]
     assert tag.preprocess == Preprocess(size=224, resize="resize_crop", interpolation="bicubic", crop_pct=1.0,

@@ -21,9 +21,9 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from retbench.model_adapters.clip import ClipAdapter, load_strict, read_torchscript_state_dict
 from safetensors.torch import save_file
 
-from model_adapters.clip import ClipAdapter, load_strict, read_torchscript_state_dict
 from retbench.adapters import load_model, weights_to_read
 from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess, normalize
@@ -99,9 +99,8 @@ def test_clip_tag_matches_open_clip_openai_entry(tag):
 
 
 def test_clip_conventions_agree_across_open_clip_and_transformers():
+    from retbench.model_adapters.hf_clip import processor_preprocess
     from transformers import CLIPImageProcessor
-
-    from model_adapters.hf_clip import processor_preprocess
 
     assert OPENAI_CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and OPENAI_CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
     # transformers' CLIPImageProcessor defaults are OpenAI's (shortest edge 224, crop 224, bicubic, CLIP mean/std)
@@ -268,7 +267,7 @@ def test_eyeclip_training_checkpoint_round_trip(tmp_path, offline, tiny_task, b3
 
 
 def test_eyeclip_preprocessing_tags():
-    from model_adapters.eyeclip import EyeClipAdapter
+    from retbench.model_adapters.eyeclip import EyeClipAdapter
 
     assert EyeClipAdapter.tags["default"].preprocess == CLIP_PRE
     ft = EyeClipAdapter.tags["ft-transform"]
@@ -287,7 +286,7 @@ def test_missing_eyeclip_weights_name_file_and_where(offline):
 # --- open_clip ------------------------------------------------------------------------------
 
 def test_open_clip_tag_preprocessing_follows_pretrained_config():
-    from model_adapters.open_clip_generic import OpenClipAdapter
+    from retbench.model_adapters.open_clip_generic import OpenClipAdapter
 
     t = OpenClipAdapter.resolve_tag("ViT-B-16-SigLIP/webli")
     assert t.preprocess == Preprocess(size=224, resize="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)

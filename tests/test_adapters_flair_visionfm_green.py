@@ -18,14 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from retbench.model_adapters.visionfm import VisionFMAdapter
 
-from model_adapters.visionfm import VisionFMAdapter
 from retbench.adapters import load_model
 from retbench.errors import RetbenchError
 from retbench.preprocess import normalize
 from retbench.protocols.zero_shot import class_embeddings
 from retbench.tasks import get_task
-from retbench.text import minilm_dir, wordpiece_tokenizer
+from retbench.text_tokenizers import minilm_dir, wordpiece_tokenizer
 from retbench.weights import WeightsMissingError
 
 # huggingface.co/emilyalsentzer/Bio_ClinicalBERT config.json, written out independently of the adapter

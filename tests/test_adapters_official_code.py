@@ -189,9 +189,8 @@ def test_retfiner_v_features_equal_the_official_model(vit_base):
 @pytest.mark.parametrize("tag", ["r", "u", "v"])
 def test_retfiner_preprocessing_is_the_probes_transform(vit_base, tag):
     """Identical on grey OCT B-scans; on colour images retbench converts to grey before resizing (``differs``)."""
+    from retbench.model_adapters.retfiner import TAGS
     from torchvision.datasets.folder import default_loader
-
-    from model_adapters.retfiner import TAGS
 
     official = fixture("retfiner_dataset")
     weights = {"r": "RetFiner_RETFound.pth", "u": "RetFiner_UrFound.pth", "v": "vfm_oct_RetFiner_VisionFM.pth"}[tag]

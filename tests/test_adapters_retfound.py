@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from retbench.model_adapters import _mae_vit
 from torch import nn
 
-from model_adapters import _mae_vit
 from retbench.adapters import load_model
 from retbench.errors import RetbenchError
 from retbench.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -355,10 +355,10 @@ def test_pos_embed_interpolation_keeps_extra_tokens():
 
 
 def test_every_tag_names_its_feature_rule():
-    from model_adapters.deretfound import DeretfoundAdapter
-    from model_adapters.retfiner import RetfinerAdapter
-    from model_adapters.retfound import RetfoundAdapter
-    from model_adapters.urfound import UrfoundAdapter
+    from retbench.model_adapters.deretfound import DeretfoundAdapter
+    from retbench.model_adapters.retfiner import RetfinerAdapter
+    from retbench.model_adapters.retfound import RetfoundAdapter
+    from retbench.model_adapters.urfound import UrfoundAdapter
 
     for cls in (RetfoundAdapter, DeretfoundAdapter, UrfoundAdapter, RetfinerAdapter):
         for tag in cls.tags.values():

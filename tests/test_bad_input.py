@@ -402,7 +402,7 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path: Path, t
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import retbench.io
+    import retbench.atomic_files
 
     spec, root = tiny_task
     argv = ["run", "-m", "classical", "-t", str(spec), "-p", "linear_probe", "--seeds", "1", "--data-root", str(root),
@@ -411,7 +411,7 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path: Path, t
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(retbench.io.os, "fsync", full)
+    monkeypatch.setattr(retbench.atomic_files.os, "fsync", full)
     err = _one_error(capsys, *argv)
     assert "error: cannot write " in err and "No space left on device; nothing was half-written" in err
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != root and root not in p.parents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,73 @@ def test_public_task_without_images_names_missing_files(tmp_path: Path, data_roo
     assert code == 2
     assert "1744 of 1744 images missing" in err and "expected layout" in err and "02_MESSIDOR" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_tasks_path_flag_adds_task_folders_for_one_command(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tasks-path DIR`` (repeatable or os.pathsep-separated) adds folders searched for task YAMLs, after
+    ``$RETBENCH_TASKS_PATH``'s, for run, list, validate and sweep; the variable and the task index are as before
+    once the command is done."""
+    import os
+
+    import yaml
+    from conftest import make_tiny_task
+
+    from retbench.tasks import get_task, task_index
+
+    folders = {}
+    for name in ("tiny_a", "tiny_b", "tiny_c"):
+        spec, root = make_tiny_task(tmp_path / name, name)
+        folders[name] = spec.parent
+    monkeypatch.delenv("RETBENCH_TASKS_PATH", raising=False)
+    task_index.cache_clear()
+    get_task.cache_clear()
+
+    def listed(*argv: str) -> set[str]:
+        code, out, err = _run(capsys, "list", "tasks", "--format", "json", *argv)
+        assert code == 0, err
+        return {row["task"] for row in json.loads(out)}
+
+    both = f"{folders['tiny_b']}{os.pathsep}{folders['tiny_c']}"
+    names = listed("--tasks-path", str(folders["tiny_a"]), "--tasks-path", both)
+    assert {"tiny_a", "tiny_b", "tiny_c", "eye4class"} <= names
+    assert "RETBENCH_TASKS_PATH" not in os.environ and "tiny_a" not in task_index()  # only for that command
+    assert not {"tiny_a", "tiny_b", "tiny_c"} & listed()
+
+    monkeypatch.setenv("RETBENCH_TASKS_PATH", str(folders["tiny_c"]))  # beside the variable, not instead of it
+    assert {"tiny_a", "tiny_c"} <= listed("--tasks-path", str(folders["tiny_a"])) and "tiny_b" not in listed()
+    assert os.environ["RETBENCH_TASKS_PATH"] == str(folders["tiny_c"])
+    code, _, err = _run(capsys, "list", "tasks", "--tasks-path", str(folders["tiny_c"]))  # same folder twice: no clash
+    assert code == 0, err
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "tiny_c.yaml").write_text((folders["tiny_c"] / "tiny_c.yaml").read_text(), encoding="utf-8")
+    code, _, err = _run(capsys, "list", "tasks", "--tasks-path", str(twin))
+    assert code == 2 and "task 'tiny_c' is defined twice" in err  # the variable's rule, one line
+    monkeypatch.delenv("RETBENCH_TASKS_PATH")
+    task_index.cache_clear()
+
+    code, out, _ = _run(capsys, "validate", "--tasks-path", str(folders["tiny_a"]))
+    assert code == 0 and "ok   tiny_a v" in out and "0 invalid" in out
+    code, _, err = _run(capsys, "list", "tasks", "--tasks-path", str(tmp_path / "nowhere"))
+    assert code == 2 and err.strip() == f"error: --tasks-path {tmp_path / 'nowhere'}: no such folder"
+
+    root = folders["tiny_a"] / "data"
+    code, _, err = _run(capsys, "run", "-m", "classical", "-t", "tiny_a", "-p", "linear_probe", "--seeds", "1",
+                        "--data-root", str(root), "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+                        "--tasks-path", str(folders["tiny_a"]))
+    assert code == 0 and "1 written" in err, err
+    assert (tmp_path / "r" / "tiny_a" / "linear_probe" / "classical.default.json").is_file()
+    code, _, err = _run(capsys, "run", "-m", "classical", "-t", "tiny_a", "--results-dir", str(tmp_path / "r"))
+    assert code == 2 and "tiny_a" in err  # without the flag the task is unknown again
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "models": ["classical"], "tasks": ["tiny_b"], "protocols": ["linear_probe"],
+                                    "data_root": str(folders["tiny_b"] / "data"), "results_dir": str(tmp_path / "r"),
+                                    "executor": {"kind": "debug"}}), encoding="utf-8")
+    code, out, err = _run(capsys, "sweep", str(grid), "--dry-run", "--json", "--tasks-path", str(folders["tiny_b"]))
+    assert code == 0, err
+    assert [job["task"] for job in json.loads(out)["jobs"]] == ["tiny_b"]
+    args = build_parser().parse_args(["pretrain", "--recipe", "mae", "--data", "tiny_a", "--out", "x",
+                                      "--tasks-path", str(folders["tiny_a"])])
+    assert args.tasks_path == [str(folders["tiny_a"])]

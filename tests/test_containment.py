@@ -269,7 +269,7 @@ def umask():
 
 @pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_results_and_cache_files_follow_the_umask(mask: int, mode: int, umask, tmp_path: Path) -> None:
-    from retbench.io import atomic_write_bytes
+    from retbench.atomic_files import atomic_write_bytes
 
     umask(mask)
     path = result_path(tmp_path / "r", "timm:resnet18", "eye4class", "linear_probe")
@@ -283,7 +283,7 @@ def test_results_and_cache_files_follow_the_umask(mask: int, mode: int, umask, t
 
 
 def test_umask_read_without_proc_is_restored(umask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import retbench.io as rio
+    import retbench.atomic_files as rio
 
     def no_proc(*args, **kwargs):
         raise OSError("no /proc")

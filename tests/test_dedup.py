@@ -21,7 +21,8 @@ from retbench.data.dedup import (
     nearest,
     perceptual_hash,
 )
-from retbench.data.examples import ArrayImages, Examples, load_examples
+from retbench.data.examples import ArrayImages, Examples
+from retbench.data.loading import load_examples
 from retbench.data.splits import make_splits
 from retbench.tasks import get_task
 

@@ -18,7 +18,7 @@ from retbench.adapters import ADAPTERS, load_model, weights_to_read
 from retbench.cli import main
 from retbench.errors import RetbenchError
 from retbench.features import FeatureCache, Features, image_content_digest
-from retbench.local_format import WEIGHTS_FILE, save_local_model
+from retbench.local_model_format import WEIGHTS_FILE, save_local_model
 from retbench.preprocess import Preprocess
 from retbench.runner import load_task_data
 
@@ -32,7 +32,7 @@ def _sha(path: Path) -> str:
 
 
 def _tinyclip_weights(path: Path, seed: int) -> Path:
-    from model_adapters.tinyclip import TinyClipNet
+    from retbench.model_adapters.tinyclip import TinyClipNet
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

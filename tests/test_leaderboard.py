@@ -287,3 +287,26 @@ def test_cli_leaderboard(store: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "Benjamini–Hochberg-adjusted" in (out / "linear_probe.md").read_text()
     assert main(["leaderboard", "--results-dir", str(store), "--out", str(out), "--resamples", "10"]) == 2
     assert "at least 1000" in capsys.readouterr().err
+
+
+def test_html_page_comes_from_the_template_and_escapes_like_html_escape(tmp_path: Path) -> None:
+    """The HTML page is rendered from templates/leaderboard.html; names are escaped exactly as html.escape does
+    (quotes as &#x27; and &quot;, not Jinja's &#39; and &#34;), so pages stay byte-identical to the f-string era."""
+    import html
+
+    from retbench.leaderboard.render import render_html
+
+    template = Path(__file__).resolve().parents[1] / "retbench" / "leaderboard" / "templates" / "leaderboard.html"
+    assert template.is_file()
+    odd = "o'dd <\"model\"> & co"
+    root = tmp_path / "results"
+    make_store(root, "linear_probe", range(2), models={odd: 2.0, "base.v1": 1.0}, tasks=("alpha",))
+    board = build_board("linear_probe", load_store(root)["linear_probe"], baselines=["base.v1"])
+    board.figures = [("ROC 'curves'", "figures/a&b.png")]
+    page = render_html(board)
+    assert f"<tr><td><code>{html.escape(odd)}</code></td>" in page and "&#x27;" in page and "&#39;" not in page
+    assert "<figure><img src='figures/a&amp;b.png' alt='ROC &#x27;curves&#x27;'>" in page
+    assert "<tr><td><code>base.v1</code> (baseline)</td><td><u>0." in page  # best baseline underlined
+    assert "</b> <span class='delta'>(+" in page  # the better model: bold, with its difference
+    assert page.startswith("<!DOCTYPE html>\n<html lang='en'>\n") and page.endswith("</body>\n</html>\n")
+    assert "\n\n" not in page  # blocks leave no blank lines

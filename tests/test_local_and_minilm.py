@@ -15,7 +15,7 @@ from torch import nn
 import retbench
 from retbench.adapters import load_model
 from retbench.errors import RetbenchError
-from retbench.local_format import (
+from retbench.local_model_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LocalFormatError,
@@ -24,7 +24,7 @@ from retbench.local_format import (
 )
 from retbench.preprocess import Preprocess
 from retbench.tasks import get_task
-from retbench.text import minilm_dir
+from retbench.text_tokenizers import minilm_dir
 from retbench.text_towers import TextTower, load_text_tower
 
 LONG = " ".join(["microaneurysms and dot blot haemorrhages"] * 80)  # > 256 tokens: truncated

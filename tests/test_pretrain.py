@@ -120,3 +120,20 @@ def test_cli_pretrain(tmp_path, data_root, capsys):
     assert rc == 0 and (out / "retbench_model.json").is_file()
     assert main(["pretrain", "--recipe", "nope", "--data", TASK, "--out", str(out)]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_loss_curve_leaves_the_callers_matplotlib_alone(tmp_path) -> None:
+    """The trainer draws with Figure + FigureCanvasAgg: a notebook's backend stays, pyplot is never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types, matplotlib; from pathlib import Path; matplotlib.use('svg'); "
+            "from retbench.pretrain.trainer import _plot_loss; "
+            "_plot_loss([{'step': 1, 'lr': 0.1, 'loss': 2.0}, {'step': 2, 'lr': 0.1, 'loss': 1.0}], Path(sys.argv[1]), "
+            "types.SimpleNamespace(recipe='mae', preset='cpu', seed=0)); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules; "
+            "assert Path(sys.argv[1]).read_bytes()[:8] == b'\\x89PNG\\r\\n\\x1a\\n'")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "loss.png")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -181,7 +181,7 @@ def test_eyeclip_weights_follow_the_seed():
 def test_local_vision_init_takes_the_folders_arch_and_resamples_positions(tmp_path):
     import timm
 
-    from retbench.local_format import save_local_model
+    from retbench.local_model_format import save_local_model
     from retbench.preprocess import Preprocess
 
     cfg = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 48, "patch_size": 8, "depth": 2, "global_pool": "avg",
@@ -226,7 +226,7 @@ def test_real_run_exports_a_zero_shot_model_and_resumes_exactly(name, tmp_path, 
     if name == "retfiner":  # refine an existing encoder: the architecture comes from the init folder
         import timm
 
-        from retbench.local_format import save_local_model
+        from retbench.local_model_format import save_local_model
         from retbench.preprocess import Preprocess
 
         cfg = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 48, "patch_size": 8, "depth": 3}}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from retbench.model_adapters.retfound import LATENT, TAGS
+from retbench.model_adapters.retfound_green import PRE, GreenPreprocess, RetfoundGreenAdapter, release_offline_preprocess
 
-from model_adapters.retfound import LATENT, TAGS
-from model_adapters.retfound_green import PRE, GreenPreprocess, RetfoundGreenAdapter, release_offline_preprocess
 from retbench.preprocess import Preprocess, normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")  # read_image

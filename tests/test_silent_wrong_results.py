@@ -264,7 +264,7 @@ def test_local_checkpoint_with_tensors_of_a_deeper_model(tmp_path: Path) -> None
     from safetensors.torch import load_file, save_file
 
     from retbench.adapters import load_model
-    from retbench.local_format import WEIGHTS_FILE, LocalFormatError, save_local_model
+    from retbench.local_model_format import WEIGHTS_FILE, LocalFormatError, save_local_model
 
     cfg = {"timm": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48,
                                                       "num_heads": 3}}
@@ -302,7 +302,7 @@ def nan_result() -> dict:
 
 
 def test_nan_is_written_as_null_and_read_as_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from retbench.io import atomic_write_json
+    from retbench.atomic_files import atomic_write_json
     from retbench.leaderboard.board import run_value
     from retbench.store import result_path, results_table, write_result
 

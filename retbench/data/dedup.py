@@ -16,13 +16,13 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from retbench.io import atomic_write_bytes
+from retbench.atomic_files import atomic_write_bytes
+from retbench.data.examples import Examples, FileImages
 
 HASH_SIDE = 64
 HASH_FREQ = 16
@@ -157,7 +157,7 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DIS
     return pairs
 
 
-def merge_near_duplicate_groups(task: str, examples: Any, cache: HashCache | None = None) -> tuple[list[str], int]:
+def merge_near_duplicate_groups(task: str, examples: Examples, cache: HashCache | None = None) -> tuple[list[str], int]:
     """Patient ids in which images that show the same photograph share one group.
 
     Augmented or re-encoded copies of one photograph filed as different images would otherwise land
@@ -193,22 +193,8 @@ def file_items(source: str, paths: Iterable[Path], root: Path | None = None) -> 
     return items
 
 
-def task_items(task: str, data_root: Path, split: str | None = "test") -> list[ImageItem]:
-    """Items for a task's images: one split (default ``test``) or all of them (``split=None``)."""
-    from retbench.data.examples import load_examples
-    from retbench.data.splits import make_splits
-    from retbench.tasks import get_task
-
-    spec = get_task(task)
-    examples = load_examples(spec, data_root)
-    indices = make_splits(spec, examples)[split] if split else np.arange(len(examples))
-    return example_items(task, examples, indices)
-
-
-def example_items(task: str, examples: Any, indices: Sequence[int]) -> list[ImageItem]:
+def example_items(task: str, examples: Examples, indices: Sequence[int]) -> list[ImageItem]:
     """Items for ``indices`` of already loaded :class:`~retbench.data.examples.Examples`."""
-    from retbench.data.examples import FileImages
-
     images = examples.images
     if isinstance(images, FileImages):
         return file_items(task, [images.path(examples.ids[i]) for i in indices], root=images.root)

@@ -1,4 +1,5 @@
-"""Examples of a task: image ids, integer labels, patient ids and given splits."""
+"""Examples of a task: image ids, integer labels, patient ids and given splits; how their images are opened, and
+the data root they must lie in. The readers that build them are in :mod:`retbench.data.loading`."""
 
 from __future__ import annotations
 
@@ -137,28 +138,6 @@ class RootGuard:
             col = f" (column '{column}')" if column else ""
             raise DataError(f"{where}: image '{image_id}'{col} is outside the data root {self.root} (resolves to "
                             f"{full}; task spec {self.spec.file}); images must lie inside it")
-
-
-def load_examples(spec: TaskSpec, root: Path) -> Examples:
-    """Read ``spec``'s source under ``root`` and check that every image is there.
-
-    For a retrieval task these are the images of every image side (one row per image, tied to
-    its pair by ``item_of``); for a VQA task, one row per image.
-    """
-    if spec.kind == "retrieval":
-        from retbench.data.pairs import load_pairs
-
-        examples = load_pairs(spec, root).examples
-    elif spec.kind == "vqa":
-        from retbench.data.questions import load_questions
-
-        examples = load_questions(spec, root).examples
-    else:
-        from retbench.data.sources import SOURCES
-
-        examples = SOURCES.get(spec.source.kind)(spec, root)
-        check_examples(spec, root, examples)
-    return examples
 
 
 def check_examples(spec: TaskSpec, root: Path, examples: Examples) -> None:

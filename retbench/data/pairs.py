@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from retbench.data.examples import Examples, FileImages, RootGuard, check_examples
-from retbench.data.sources import LabelMapper, _need, _raw_key, patient_of, read_frame
+from retbench.data.reading import LabelMapper, patient_of, raw_key, read_frame, require_path
 from retbench.data.splits import make_splits
 from retbench.errors import DataError
 from retbench.spec import SideSpec, TaskSpec
@@ -67,7 +67,7 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
     dropped: dict[str, list[str]] = defaultdict(list)
     image_root = root
     for split, rel in (src.files or {None: src.path}).items():
-        csv_path = _need(root / rel, spec, root, "file")
+        csv_path = require_path(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
         needed = [s.column for s in sides] + [src.patient_column, src.split_column] + ([src.label_column] if mapper else [])
@@ -76,7 +76,7 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
                 raise DataError(f"{csv_path}: no column '{col}' (columns: {', '.join(map(str, frame.columns))})")
         for i, rec in enumerate(frame.to_dict("records")):
             where = f"{csv_path}: row {i + 2}"
-            row = {s.name: _raw_key(rec[s.column]) for s in sides}
+            row = {s.name: raw_key(rec[s.column]) for s in sides}
             label = mapper(rec[src.label_column], where) if mapper else 0
             empty = [s for s in sides if row[s.name] is None]
             if empty or label is None:

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from retbench.data.examples import Examples, FileImages, RootGuard, check_examples, missing_message
-from retbench.data.sources import (
+from retbench.data.reading import (
     IMAGE_SUFFIXES,
-    _drop_conflicts,
-    _drop_relabelled,
-    _need,
-    _raw_key,
+    drop_conflicting_files,
+    drop_relabelled_rows,
     patient_of,
+    raw_key,
     read_frame,
+    require_path,
 )
 from retbench.errors import DataError
 from retbench.spec import QuestionSpec, TaskSpec
@@ -58,7 +58,7 @@ class AnswerMapper:
         self.lookup = {m: i for i, a in enumerate(question.answers) for m in a.match}
 
     def __call__(self, value: Any, where: str) -> int | None:
-        key = _raw_key(value)
+        key = raw_key(value)
         q = self.question
         if key is None or key in q.missing:
             return None
@@ -79,7 +79,7 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
     src, out = spec.source, []
     image_root = root
     for split, rel in (src.files or {None: src.path}).items():
-        csv_path = _need(root / rel, spec, root, "file")
+        csv_path = require_path(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
         assert spec.vqa is not None
@@ -95,7 +95,7 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
 def _folder_records(spec: TaskSpec, root: Path, dropped: dict[str, list[str]]) -> tuple[list, Path]:
     """A folder per class: each image is a record whose column ``folder`` is its class folder's name."""
     src = spec.source
-    base = _need(root / src.path, spec, root, "folder")
+    base = require_path(root / src.path, spec, root, "folder")
     rows = []
     for split, sub in (src.split_dirs or {None: ""}).items():
         split_root = base / sub
@@ -105,7 +105,7 @@ def _folder_records(spec: TaskSpec, root: Path, dropped: dict[str, list[str]]) -
             for img in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 rows.append((str(img.relative_to(base)), class_dir.name, split))
     if src.drop_conflicting_duplicates:
-        rows, dropped["conflicting_duplicate"] = _drop_conflicts(rows, base)
+        rows, dropped["conflicting_duplicate"] = drop_conflicting_files(rows, base)
     return [(f"{base / image}", split, {"image": image, "folder": folder}) for image, folder, split in rows], base
 
 
@@ -144,7 +144,7 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
     warnings: list[str] = []
     if src.kind != "folder":  # one image given two answers to a question: an error, or dropped when opted in
         rows = [(image_id, tuple(a), k) for k, (image_id, a) in enumerate(zip(ids, answers))]
-        keep, warnings = _drop_relabelled(spec, rows, origins, lambda a: _describe_answers(questions, a), dropped,
+        keep, warnings = drop_relabelled_rows(spec, rows, origins, lambda a: _describe_answers(questions, a), dropped,
                                           lambda a, b: any(x >= 0 and y >= 0 and x != y for x, y in zip(a, b)))
         if len(keep) < len(rows):
             kept = [k for *_, k in keep]

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from retbench.data.examples import Examples
-from retbench.errors import DataError
+from retbench.errors import DataError, warn
 from retbench.spec import TaskSpec
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -96,8 +96,6 @@ def check_class_coverage(spec: TaskSpec, examples: Examples, splits: dict[str, n
                             "the class")
         note = f"{message}; the given split is used as it is, so metrics cover fewer classes"
         if note not in examples.warnings:
-            from retbench.store import warn
-
             examples.warnings.append(note)
             warn(note)
 

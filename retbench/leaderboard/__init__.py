@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from retbench import stats
+from retbench.atomic_files import atomic_write_bytes
 from retbench.errors import RetbenchError
-from retbench.io import atomic_write_bytes
 from retbench.leaderboard.board import (
     DEFAULT_RESAMPLES,
     MEAN,
@@ -84,7 +84,7 @@ def write_leaderboards(results_dir: Path, out_dir: Path, protocols: list[str] | 
 
 
 def _colours(models: Sequence[str]) -> dict[str, str]:
-    from retbench.plots import model_colours
+    from retbench.leaderboard.plots import model_colours
 
     return model_colours(models)
 

@@ -43,7 +43,7 @@ def _task_runs(board: Board, model: str, task: str) -> list[tuple[np.ndarray, np
 
 def write_figures(board: Board, out_dir: Path, colours: dict[str, str], confusion: bool) -> list[Path]:
     """Draw the protocol's figures under ``out_dir/figures`` and record them (caption, relative path) on the board."""
-    from retbench import plots
+    from retbench.leaderboard import plots
 
     written: list[Path] = []
     fig_dir = out_dir / "figures"

@@ -8,8 +8,11 @@ import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
+import jinja2
 import numpy as np
+from markupsafe import Markup
 from tabulate import tabulate
 
 from retbench import stats
@@ -229,17 +232,28 @@ def _significance_note(board: Board) -> str:
     return text
 
 
+def _paired_header(board: Board) -> list[str]:
+    corr = stats.correction_name(board.correction)
+    return ["model", "baseline", "pairing", "n", "wins/ties/losses", "median Δ", "W", "p", f"p ({corr})", "r"]
+
+
+def _paired_rows(board: Board) -> list[list[str]]:
+    """One row of formatted values per paired test (plain text: each renderer marks it up)."""
+    rows = []
+    for r in board.paired:
+        w = r.result
+        rows.append([r.model, r.baseline, dict(UNITS)[r.unit], str(w.n), f"{w.wins}/{w.ties}/{w.losses}",
+                     _f3(w.median_difference, sign=True), f"{w.statistic:g}", _fmt_p(w.p_value), _fmt_p(r.p_adjusted),
+                     f"{w.effect_size:+.2f}"])
+    return rows
+
+
 def _paired_markdown(board: Board) -> list[str]:
     if not board.paired:
         return []
     corr = stats.correction_name(board.correction)
-    rows = []
-    for r in board.paired:
-        w = r.result
-        rows.append([f"`{r.model}`", f"`{r.baseline}`", dict(UNITS)[r.unit], str(w.n), f"{w.wins}/{w.ties}/{w.losses}",
-                     _f3(w.median_difference, sign=True), f"{w.statistic:g}", _fmt_p(w.p_value), _fmt_p(r.p_adjusted),
-                     f"{w.effect_size:+.2f}"])
-    header = ["model", "baseline", "pairing", "n", "wins/ties/losses", "median Δ", "W", "p", f"p ({corr})", "r"]
+    rows = [[f"`{model}`", f"`{baseline}`", *rest] for model, baseline, *rest in _paired_rows(board)]
+    header = _paired_header(board)
     return [
         "## Paired comparisons with the baselines",
         "",
@@ -301,66 +315,31 @@ def markdown_inline_to_html(text: str) -> str:
     return out.replace("\\*", "*")
 
 
-def _html_cell(s: Shown | None) -> str:
-    if s is None:
-        return "<td class='na'>–</td>"
-    value = html.escape(s.value)
-    if s.underline:
-        value = f"<u>{value}</u>"
-    if s.bold:
-        value = f"<b>{value}</b>"
-    extra = f" <span class='delta'>{html.escape(s.delta)}</span>" if s.delta else ""
-    extra += f"<sup>{s.stars}</sup>" if s.stars else ""
-    ci = f"<br><span class='ci'>{html.escape(s.ci)}</span>" if s.ci else ""
-    return f"<td>{value}{extra}{ci}</td>"
+@cache
+def _html_template() -> jinja2.Template:
+    """``templates/leaderboard.html``: every value it prints is escaped as :func:`html.escape` does, unless Markup."""
 
+    def escaped(value: object) -> Markup:
+        return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
 
-HTML_STYLE = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
-color:#1f2328;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:14px}
-th,td{border:1px solid #d0d7de;padding:5px 9px;text-align:center;vertical-align:top}th{background:#f6f8fa}
-td:first-child{text-align:left;white-space:nowrap}.ci{color:#59636e;font-size:12px}.delta{color:#1f2328}
-.na{color:#8c959f}code{background:#f6f8fa;padding:0 3px;border-radius:4px}img{max-width:100%;border:1px solid #eee}
-p.note{font-size:14px}"""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("retbench.leaderboard", "templates"), autoescape=True,
+                             finalize=escaped, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("leaderboard.html")
 
 
 def render_html(board: Board) -> str:
     """A standalone HTML page with the same table, notes, paired tests and figures."""
-    head = "".join(f"<th>{html.escape(a)}<br><small>{html.escape(b)}</small></th>"
-                   for a, b in (column_label(board, c) for c in board.columns))
-    body = []
-    for m in board.models:
-        label = f"<code>{html.escape(m)}</code>" + (" (baseline)" if m in board.baselines else "")
-        body.append(f"<tr><td>{label}</td>" + "".join(_html_cell(shown_cell(board, m, c)) for c in board.columns) + "</tr>")
-    title = html.escape(f"Leaderboard — {board.protocol}")
-    parts = [
-        "<!DOCTYPE html>", "<html lang='en'>", "<head>", "<meta charset='utf-8'>", f"<title>{title}</title>",
-        f"<style>{HTML_STYLE}</style>", "</head>", "<body>", f"<h1>{markdown_inline_to_html(_title(board))}</h1>",
-        f"<p>{markdown_inline_to_html(summary_line(board))}</p>",
-        f"<table><thead><tr><th>model</th>{head}</tr></thead><tbody>", *body, "</tbody></table>",
-    ]
-    parts += [f"<p class='note'>{markdown_inline_to_html(n)}</p>" for n in footnotes(board)]
-    if board.paired:
-        corr = stats.correction_name(board.correction)
-        parts.append("<h2>Paired comparisons with the baselines</h2>")
-        parts.append("<p class='note'>Two-sided Wilcoxon signed-rank tests; Δ positive means the model is better; r is the "
-                     f"matched-pairs rank-biserial correlation; p adjusted ({html.escape(corr)}) over the models compared "
-                     "with the same baseline under the same pairing.</p>")
-        cols = ["model", "baseline", "pairing", "n", "wins/ties/losses", "median Δ", "W", "p", f"p ({corr})", "r"]
-        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>")
-        for r in board.paired:
-            w = r.result
-            vals = [r.model, r.baseline, dict(UNITS)[r.unit], str(w.n), f"{w.wins}/{w.ties}/{w.losses}",
-                    _f3(w.median_difference, sign=True), f"{w.statistic:g}", _fmt_p(w.p_value), _fmt_p(r.p_adjusted),
-                    f"{w.effect_size:+.2f}"]
-            parts.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in vals) + "</tr>")
-        parts.append("</tbody></table>")
-    if board.figures:
-        parts.append("<h2>Figures</h2>")
-        for caption, rel in board.figures:
-            parts.append(f"<figure><img src='{html.escape(rel)}' alt='{html.escape(caption)}'>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return _html_template().render(
+        protocol=board.protocol, heading=Markup(markdown_inline_to_html(_title(board))),
+        summary=Markup(markdown_inline_to_html(summary_line(board))),
+        columns=[column_label(board, c) for c in board.columns],
+        rows=[{"model": m, "baseline": m in board.baselines, "cells": [shown_cell(board, m, c) for c in board.columns]}
+              for m in board.models],
+        notes=[Markup(markdown_inline_to_html(n)) for n in footnotes(board)],
+        correction=stats.correction_name(board.correction), paired_header=_paired_header(board),
+        paired=_paired_rows(board), figures=board.figures,
+    )
 
 
 CSV_COLUMNS = ["protocol", "model", "is_baseline", "task", "metric", "k", "mean", "ci_low", "ci_high", "se", "n_runs",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from retbench.cli.common import add_tasks_path_argument, csv_list, err
+
 RECIPE_HELP = """recipes (see README "Pretraining"):
   mae       masked autoencoder (RETFound): ViT, 75% masking, MSE on normalised patches
   flair     image-label-text alignment (FLAIR): same-label image-text pairs are positives
@@ -53,21 +55,21 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
                         "cross-validated probes, whose folds cover the whole set)")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints (default 25)")
     p.add_argument("--cache-dir", default="", help="where image hashes are cached (default: $RETBENCH_CACHE)")
+    add_tasks_path_argument(p)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Run ``retbench pretrain``."""
-    from retbench.cli import _csv_list, err
     from retbench.errors import RetbenchError
     from retbench.pretrain.trainer import PretrainConfig, pretrain
 
     if args.threads < 1:
         raise RetbenchError(f"--threads must be at least 1, got {args.threads}")
     config = PretrainConfig(
-        recipe=args.recipe, data=_csv_list(args.data), out=args.out, preset=args.preset, steps=args.steps,
+        recipe=args.recipe, data=csv_list(args.data), out=args.out, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, arch=args.arch, text_tower=args.text_tower,
         init=args.init, seed=args.seed, threads=args.threads, device=args.device, data_root=args.data_root,
-        exclude=_csv_list(args.exclude) or ("@all",), exclude_all_images=args.exclude_all_images,
+        exclude=csv_list(args.exclude) or ("@all",), exclude_all_images=args.exclude_all_images,
         checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, options=parse_options(args.option),
     )
     out = pretrain(config)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retbench.data.dedup import HashCache, ImageItem, example_items, exclude_matches, file_items, task_items
+from retbench.data.dedup import HashCache, ImageItem, example_items, exclude_matches, file_items
 from retbench.errors import DataError, RetbenchError
 from retbench.preprocess import Preprocess
 from retbench.progress import progress_bar
@@ -63,7 +63,7 @@ class PretrainSet:
 
 
 def _task_sources(name: str, data_root: Path, labels: dict[str, int]) -> list[PretrainItem]:
-    from retbench.data.examples import load_examples
+    from retbench.data.loading import load_examples
     from retbench.data.splits import make_splits
     from retbench.tasks import get_task
 
@@ -154,6 +154,18 @@ def collect(sources: list[str], data_root: Path) -> tuple[list[PretrainItem], li
     if not items:
         raise DataError("no pretraining images")
     return items, sorted(labels, key=labels.get)
+
+
+def task_items(task: str, data_root: Path, split: str | None = "test") -> list[ImageItem]:
+    """Items to hash for a task's images: one split (default ``test``) or all of them (``split=None``)."""
+    from retbench.data.loading import load_examples
+    from retbench.data.splits import make_splits
+    from retbench.tasks import get_task
+
+    spec = get_task(task)
+    examples = load_examples(spec, data_root)
+    indices = make_splits(spec, examples)[split] if split else np.arange(len(examples))
+    return example_items(task, examples, indices)
 
 
 def held_out_items(tasks: list[str], data_root: Path, all_images: bool) -> tuple[list[ImageItem], list[str]]:

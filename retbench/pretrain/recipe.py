@@ -88,7 +88,7 @@ class Recipe(nn.Module, ABC):
 
     @abstractmethod
     def export(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`retbench.local_format.save_local_model` (vision, vision_cfg, towers...)."""
+        """Keyword arguments of :func:`retbench.local_model_format.save_local_model` (vision, vision_cfg, towers...)."""
 
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (e.g. an EMA teacher update)."""

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.errors import RetbenchError
-from retbench.io import atomic_write_bytes, atomic_write_json
 from retbench.preprocess import Preprocess
 from retbench.pretrain.recipe import RECIPES, Recipe, Settings
 from retbench.progress import progress_bar
@@ -235,7 +235,7 @@ def _train(recipe: Recipe, optimizer: torch.optim.Optimizer, settings: Settings,
 
 def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any], out: Path,
             config: PretrainConfig, determinism: dict[str, Any] | None = None) -> None:
-    from retbench.local_format import save_local_model
+    from retbench.local_model_format import save_local_model
 
     parts = recipe.export()
     card = {
@@ -261,12 +261,14 @@ def _export(recipe: Recipe, settings: Settings, data: Any, state: dict[str, Any]
 
 
 def _plot_loss(log: list[dict[str, Any]], path: Path, settings: Settings) -> None:
-    import matplotlib
+    """The loss curve as a PNG, through matplotlib's object-oriented API: no pyplot state, and the backend of the
+    calling process (a notebook's, say) is left as it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig = Figure(figsize=(6, 3.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     steps = [r["step"] for r in log]
     keys = [k for k in log[0] if k not in ("step", "lr")] if log else []
     for k in keys:
@@ -280,7 +282,6 @@ def _plot_loss(log: list[dict[str, Any]], path: Path, settings: Settings) -> Non
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 

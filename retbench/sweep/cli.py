@@ -1,6 +1,6 @@
 """``retbench sweep``: run a grid of models × tasks × protocols × seeds, show its status, or list its jobs.
 
-Wired into ``retbench.cli`` by ``add_sweep_parser(sub)`` and ``COMMANDS["sweep"] = cmd_sweep``;
+Wired into ``retbench.cli.commands`` by ``add_sweep_parser(sub)`` and ``COMMANDS["sweep"] = cmd_sweep``;
 also runnable as ``python -m retbench.sweep``.
 """
 
@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from retbench.cli.common import add_tasks_path_argument, extra_task_folders
 from retbench.errors import RetbenchError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute the results that exist when the sweep starts (each once)")
     p.add_argument("--no-wait", action="store_true", help="submit and return (Slurm); run again or --status later")
     p.add_argument("--leaderboard", metavar="DIR", help="write leaderboards into DIR at the end (default: the grid's)")
+    add_tasks_path_argument(p)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return cmd_sweep(args)
+        with extra_task_folders(args.tasks_path):
+            return cmd_sweep(args)
     except RetbenchError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2

@@ -102,7 +102,7 @@ def save_grid(grid: Grid) -> Path:
     if os.environ.get("RETBENCH_TASKS_PATH"):
         data["env"].setdefault("RETBENCH_TASKS_PATH", os.environ["RETBENCH_TASKS_PATH"])
     data["tasks"] = [str(Path(t).expanduser().resolve()) if t.endswith((".yaml", ".yml")) else t for t in grid.tasks]
-    from retbench.io import atomic_write_bytes
+    from retbench.atomic_files import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
     return path

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retbench.io import atomic_write_json
+from retbench.atomic_files import atomic_write_json
 
 if TYPE_CHECKING:
     from retbench.sweep.grid import Job

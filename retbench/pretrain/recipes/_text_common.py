@@ -56,7 +56,7 @@ def load_local_vision(folder: str, image_size: int) -> tuple[nn.Module, dict[str
     """The image encoder of a ``local:`` model folder, at ``image_size`` for ViTs."""
     import timm
 
-    from retbench.local_format import read_local_config
+    from retbench.local_model_format import read_local_config
     from retbench.weights import load_checkpoint
 
     cfg = read_local_config(folder)

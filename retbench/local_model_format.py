@@ -58,6 +58,10 @@ CONFIG_FILE = "retbench_model.json"
 WEIGHTS_FILE = "model.safetensors"
 TEXT_FILES = "text"
 PREFIXES = ("visual.", "visual_proj.", "text.", "text_proj.")
+CODE_ID = "retbench.local_format"
+"""What a ``local:`` model's results record as ``model.code``: an identifier of this format, not an import path.
+It is the module's name before the rename to ``local_model_format`` and stays as it is, so results (and the
+leaderboards built from them) of the same model stay byte-identical."""
 
 
 class LocalFormatError(RetbenchError):

@@ -1,4 +1,5 @@
-"""``retbench`` command line: run, list, validate, results, leaderboard.
+"""The ``retbench`` parser and its commands: run, list, validate, results, leaderboard (pretrain and sweep are
+defined in their packages and added here).
 
 Arguments are parsed here and turned into one :class:`~retbench.config.RunConfig`;
 nothing below this module sees argparse.
@@ -13,14 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from retbench.cli.common import add_tasks_path_argument, csv_list, err, extra_task_folders, out
 from retbench.config import PRECISIONS
 from retbench.errors import RetbenchError
-
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
 
 EPILOG = """examples:
   retbench run --model classical --task eye4class
@@ -32,11 +30,6 @@ EPILOG = """examples:
   retbench leaderboard --results-dir results --out leaderboards
 Data root: --data-root DIR or $RETBENCH_DATA. Feature cache: --cache-dir or $RETBENCH_CACHE.
 Checkpoints: --weights PATH, else $RETBENCH_WEIGHTS/<official file name>, else the Hugging Face cache."""
-
-
-def _csv_list(values: list[str] | None) -> tuple[str, ...]:
-    """Flatten repeated and comma-separated option values."""
-    return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--pattern", default="*", help="glob filter on names (e.g. 'mx_*', 'retfound*')")
     lst.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table",
                      help="table (default), markdown (GitHub pipe table, as in the README), csv or json")
+    add_tasks_path_argument(lst)
     val = sub.add_parser("validate", help="validate task specs (all shipped ones by default)",
                          description="Parse and validate YAML task specs; exit 1 if any is invalid.")
     val.add_argument("files", nargs="*", help="spec files (default: every shipped and RETBENCH_TASKS_PATH task)")
+    add_tasks_path_argument(val)
     res = sub.add_parser("results", help="show the result store as a table; export CSV",
                          description="Show stored results, one row per (model, task, protocol).")
     res.add_argument("--results-dir", default="results", help="result store (default: ./results)")
@@ -124,6 +119,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      "fp16 autocast, FLAIR's fp32), or fp32 / fp16 / bf16 autocast for every model; CPU always runs "
                      "fp32. The precision used is recorded in each result (model.precision)")
     run.add_argument("--leaderboard", metavar="DIR", help="afterwards, write leaderboards into DIR")
+    add_tasks_path_argument(run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers, on every x86 CPU
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with extra_task_folders(getattr(args, "tasks_path", None)):
+            return COMMANDS[args.command](args)
     except RetbenchError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -146,8 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retbench.tasks import resolve_tasks
 
     config = RunConfig(
-        models=_csv_list(args.model), tasks=tuple(resolve_tasks(list(_csv_list(args.task)))),
-        protocols=_csv_list(args.protocol), data_root=args.data_root, results_dir=args.results_dir,
+        models=csv_list(args.model), tasks=tuple(resolve_tasks(list(csv_list(args.task)))),
+        protocols=csv_list(args.protocol), data_root=args.data_root, results_dir=args.results_dir,
         cache_dir=args.cache_dir, device=args.device, weights=args.weights, batch_size=args.batch_size,
         num_workers=args.workers, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
         use_cache=not args.no_cache, shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
@@ -294,16 +291,18 @@ def cmd_results(args: argparse.Namespace) -> int:
         err.print(f"no results in {args.results_dir}")
         return 0
     if args.task:
-        frame = frame[frame["task"].isin(_csv_list(args.task))]
+        frame = frame[frame["task"].isin(csv_list(args.task))]
     if args.protocol:
-        frame = frame[frame["protocol"].isin(_csv_list(args.protocol))]
+        frame = frame[frame["protocol"].isin(csv_list(args.protocol))]
     if args.csv:
-        from retbench.io import atomic_write_bytes
+        from retbench.atomic_files import atomic_write_bytes
 
+        target = Path(args.csv)
         try:  # the folder is created; the file is complete or absent
-            atomic_write_bytes(Path(args.csv), frame.to_csv(index=False).encode())
-        except OSError as exc:
-            raise RetbenchError(f"--csv {args.csv}: cannot write: {exc.strerror or exc}") from None
+            atomic_write_bytes(target, frame.to_csv(index=False).encode())
+        except RetbenchError as exc:  # "cannot write <file>: <why>": say which option named the file
+            why = str(exc).removeprefix(f"cannot write {target}: ")
+            raise RetbenchError(f"--csv {args.csv}: cannot write: {why}") from None
         err.print(f"wrote {len(frame)} rows to {args.csv}")
     table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "runs", "n test")
     for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):
@@ -321,8 +320,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from retbench.leaderboard import write_leaderboards
 
     written: list[Path] = []
-    paths = write_leaderboards(Path(args.results_dir), Path(args.out), list(_csv_list(args.protocol)) or None,
-                               args.metric, baselines=_csv_list(args.baseline), correction=args.correction,
+    paths = write_leaderboards(Path(args.results_dir), Path(args.out), list(csv_list(args.protocol)) or None,
+                               args.metric, baselines=csv_list(args.baseline), correction=args.correction,
                                resamples=args.resamples, figures=not args.no_figures, written=written)
     if not paths:
         err.print(f"no results in {args.results_dir}")
@@ -350,6 +349,3 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "list": cmd_list, "validate": cmd_validate,
             "results": cmd_results, "leaderboard": cmd_leaderboard}
-
-if __name__ == "__main__":
-    sys.exit(main())

