@@ -28,8 +28,6 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -51,8 +49,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 ADAPTER_LAYER = "adapters"
 FORBIDDEN_FOR_ADAPTERS = ("retbench.protocols", "retbench.runner")
-PENDING_ADAPTER_IMPORTS = {"ZeroShotSetup"}
-"""What the adapters still import from retbench.protocols.base until the runner-merge branch moves it to them."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +58,7 @@ class Import:
     names: tuple[str, ...]  # the names taken from it (empty for ``import x``)
     line: int
     file: Path
+    type_only: bool = False  # under ``if TYPE_CHECKING:``: for annotations, never loaded at run time
 
     def __str__(self) -> str:
         what = f" ({', '.join(self.names)})" if self.names else ""
@@ -89,14 +86,17 @@ def _imports(module: str, path: Path) -> list[Import]:
     """Every import of a retbench module by ``module`` (any depth of the file)."""
     package = module if module in PACKAGES else module.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    guarded = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+               for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 name = alias.name
                 if name == "model_adapters" or name.startswith("model_adapters."):
                     name = f"retbench.{name}"  # checked by its own contract; placed where it would resolve
                 if name == "retbench" or name.startswith("retbench."):
-                    out.append(Import(module, name, (), node.lineno, path))
+                    out.append(Import(module, name, (), node.lineno, path, id(node) in guarded))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -110,9 +110,9 @@ def _imports(module: str, path: Path) -> list[Import]:
             plain = [a.name for a in node.names if f"{source}.{a.name}" not in MODULES]
             for a in node.names:  # ``from package import submodule`` depends on the submodule
                 if f"{source}.{a.name}" in MODULES:
-                    out.append(Import(module, f"{source}.{a.name}", (), node.lineno, path))
+                    out.append(Import(module, f"{source}.{a.name}", (), node.lineno, path, id(node) in guarded))
             if plain:
-                out.append(Import(module, source, tuple(plain), node.lineno, path))
+                out.append(Import(module, source, tuple(plain), node.lineno, path, id(node) in guarded))
     return out
 
 
@@ -132,10 +132,6 @@ def _package_modules() -> list[str]:
     return [m for m in MODULES if not m.startswith("benchmarks")]
 
 
-def _is_pending_adapter_import(imp: Import) -> bool:
-    return imp.target.startswith("retbench.protocols") and bool(imp.names) and set(imp.names) <= PENDING_ADAPTER_IMPORTS
-
-
 def _adapter_modules() -> list[str]:
     index = [name for name, _ in LAYERS].index(ADAPTER_LAYER)
     return [m for m in _package_modules() if _layer(m) == index]
@@ -152,28 +148,19 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_lower_layers_never_import_higher_ones() -> None:
-    """Upward imports, except the adapters' pending ZeroShotSetup (the contract below holds it)."""
+    """No module loads a module of a higher layer (imports under ``if TYPE_CHECKING:`` only name types in
+    annotations and are not counted here; the adapter and data/ contracts count them too)."""
     names = [name for name, _ in LAYERS]
     upward = []
     for module in _package_modules():
         low = _layer(module)
         for imp in GRAPH[module]:
             high = _layer(imp.target)
-            if low is not None and high is not None and high > low and not (
-                    names[low] == ADAPTER_LAYER and _is_pending_adapter_import(imp)):
+            if low is not None and high is not None and high > low and not imp.type_only:
                 upward.append(f"{imp}: layer '{names[low]}' imports layer '{names[high]}'")
     assert not upward, "\n".join(upward)
 
 
-def test_adapters_take_nothing_from_protocols_or_runner_but_the_pending_zero_shot_setup() -> None:
-    """Holds now and after the merge: no adapter import of protocols or runner other than ZeroShotSetup."""
-    others = [str(imp) for imp in _adapter_violations() if not _is_pending_adapter_import(imp)]
-    assert not others, "\n".join(others)
-
-
-@pytest.mark.xfail(strict=True, reason="the adapters still import ZeroShotSetup from retbench.protocols.base; fixed by "
-                   "the runner-merge branch, which moves ZeroShotSetup into the adapter layer (this then passes: "
-                   "remove the mark and PENDING_ADAPTER_IMPORTS)")
 def test_adapters_import_neither_protocols_nor_runner() -> None:
     violations = [str(imp) for imp in _adapter_violations()]
     assert not violations, "\n".join(violations)
