@@ -65,6 +65,27 @@ def test_shipped_spec_validates(name: str) -> None:
     assert len(spec.spec_hash) == 16
 
 
+# spec_hash of every shipped spec, recorded before spec defaults and named includes were added: results
+# record it, and a changed hash marks every stored result of the task stale.
+SHIPPED_SPEC_HASHES = {
+    "acrima": "3f7667b1731439ae", "aptos2019": "8df38ceca989a52c", "csdi_cataract_severity": "6472e4ec929b0e60",
+    "csdi_retrieval": "743f41aa68ec6e0f", "csdi_vqa": "4ba0f0e5a3271534", "deepdrid": "4cfb5f43d6c513e4",
+    "eye4class": "9a7f1889ce49c218", "eye4class_dr_grading": "a6d9f47574a4477d", "eye4class_vqa": "c43805240903516d",
+    "fives": "d0e817f645108793", "glaucoma_fundus": "c83ed10aaa0a188d", "idrid": "a9e24e91f8f5941c",
+    "jsiec": "c51e8b9dc1f4f0f4", "jsiec20x3": "4edf3d480c183f1b", "messidor": "13603648bbf69b48",
+    "messidor2": "24b8e51625fd4577", "mmac": "c6a0d773101d2e75", "mx_dme_cfp_dr": "8ed14f3830891e16",
+    "mx_dme_cfp_oct_retrieval": "04a2194af51b76c4", "mx_dme_cfp_vqa": "f679aa7ac6b5223d",
+    "mx_dme_oct_dme": "295d24a704609384", "octid": "792f376074295208", "odir200x3": "a47616336fd2dae3",
+    "papila": "ebc7b20d058fcf06", "refuge": "914fc442c1abdbcf", "retina": "8e67b12408b49fe2",
+    "retinamnist": "3cdcdccd419bd18f",
+}
+
+
+def test_shipped_spec_hashes_are_unchanged() -> None:
+    """Parsing changes (defaults, include resolution) must not re-hash a shipped task: stored results would go stale."""
+    assert {name: parse_spec(path).spec_hash for name, path in task_index().items()} == SHIPPED_SPEC_HASHES
+
+
 def test_task_index_finds_bundled_and_public_tasks() -> None:
     names = set(task_index())
     assert {"eye4class", "eye4class_dr_grading", "retinamnist", "mx_dme_oct_dme", "mx_dme_cfp_dr",
