@@ -156,6 +156,36 @@ def test_include_cycle_and_missing_include(tmp_path: Path) -> None:
     assert "nowhere.yaml" in str(err) and "file not found" in str(err) and err.key == "include"
 
 
+@pytest.mark.parametrize("inc", ["classification", "classification.yaml", "_base/classification",
+                                 "_base/classification.yaml"])
+def test_include_a_shipped_base_by_name(tmp_path: Path, inc: str) -> None:
+    """A spec outside the repository includes a shipped base by name, resolved from the shipped tasks folder."""
+    base = Path(task_index()["eye4class"]).parents[1] / "_base" / "classification.yaml"
+    body = VALID.replace("metrics: [aca, accuracy]\nprotocols: [linear_probe]\n", "")
+    by_name = parse_spec(write(tmp_path / "a.yaml", f"include: {inc}\n" + body))
+    by_path = parse_spec(write(tmp_path / "b.yaml", f"include: {base}\n" + body))
+    assert by_name.raw == by_path.raw and by_name.spec_hash == by_path.spec_hash
+    assert by_name.splits.by_patient is True and "kappa_quadratic" in by_name.metrics
+
+
+def test_include_flair_base_by_name(tmp_path: Path) -> None:
+    spec = parse_spec(write(tmp_path / "t.yaml", "include: flair\n" + VALID.replace("  kind: csv\n", "")))
+    assert spec.groups == ("flair", "public") and spec.source.label_format == "list"  # from _base/flair.yaml
+
+
+def test_a_local_file_wins_over_a_shipped_base(tmp_path: Path) -> None:
+    write(tmp_path / "flair.yaml", "groups: [mine]\n")
+    assert parse_spec(write(tmp_path / "t.yaml", "include: flair.yaml\n" + VALID)).groups == ("mine",)
+
+
+def test_unknown_include_lists_the_shipped_bases(tmp_path: Path) -> None:
+    err = spec_error(write(tmp_path / "t.yaml", "include: clasification\n" + VALID))
+    assert err.key == "include" and "'clasification'" in str(err)
+    assert "shipped bases: bundled, classification, flair, retfound" in str(err)
+    err = spec_error(write(tmp_path / "u.yaml", "include: ../../_base/classification\n" + VALID))
+    assert "file not found" in str(err)  # a name never climbs out of the shipped tasks folder
+
+
 def spec_error_any(path: Path) -> SpecError:
     with pytest.raises(SpecError) as info:
         parse_spec(path)
@@ -171,6 +201,22 @@ def test_valid_spec_parses(tmp_path: Path) -> None:
     assert spec.name == "toy" and spec.version == "2" and spec.class_names == ["a", "b", "c"]
     assert spec.primary_metric == "aca"  # defaults to the first metric
     assert spec.classes[0].match == ("a",) and spec.classes[0].prompts == ("a",)
+
+
+def test_metrics_and_protocols_default_by_problem(tmp_path: Path) -> None:
+    """A spec without metrics/protocols gets those of tasks/_base/classification.yaml (a grading task ranks by
+    quadratic kappa, as the shipped grading tasks do); the defaults are hashed as if written out."""
+    base = load_yaml_with_includes(Path(task_index()["eye4class"]).parents[1] / "_base" / "classification.yaml")
+    bare = VALID.replace("metrics: [aca, accuracy]\nprotocols: [linear_probe]\n", "")
+    for problem in ("binary", "multiclass", "ordinal"):
+        text = bare.replace("problem: multiclass", f"problem: {problem}").replace("[a, b, c]", "[a, b]")
+        spec = parse_spec(write(tmp_path / f"{problem}.yaml", text))
+        assert spec.protocols == tuple(base["protocols"])
+        assert sorted(spec.metrics) == sorted(base["metrics"])
+        assert spec.primary_metric == spec.metrics[0] == ("kappa_quadratic" if problem == "ordinal" else "aca")
+        written = text + f"metrics: [{', '.join(spec.metrics)}]\nprotocols: [{', '.join(spec.protocols)}]\n"
+        assert parse_spec(write(tmp_path / f"{problem}_written.yaml", written)).spec_hash == spec.spec_hash
+    assert tuple(base["metrics"]) == parse_spec(tmp_path / "binary.yaml").metrics
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -223,7 +269,7 @@ def test_bad_problem_lists_allowed_values(tmp_path: Path) -> None:
     assert err.key == "problem" and "binary, multiclass, ordinal, multilabel" in str(err)
 
 
-@pytest.mark.parametrize("key", ["name", "modality", "problem", "classes", "metrics", "protocols"])
+@pytest.mark.parametrize("key", ["name", "modality", "problem", "classes"])
 def test_missing_required_key(tmp_path: Path, key: str) -> None:
     lines = [ln for ln in VALID.splitlines() if not ln.startswith(f"{key}:")]
     err = spec_error(write(tmp_path / "t.yaml", "\n".join(lines) + "\n"))
