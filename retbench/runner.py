@@ -241,7 +241,7 @@ def _run_one(source: FeatureSource, protocol_name: str, path: Path, config: RunC
     data = _result_dict(source, protocol, output, metric_names, features, config, device,
                         {"extract_s": extract_s, "features_from_cache": features.from_cache,
                          "extract_s_original": features.seconds, "fit_s": fit_s})
-    write_result(path, data)
+    data = write_result(path, data)  # as stored: paths portable
     return Result(data, path)
 
 
@@ -349,7 +349,7 @@ def _run_kind(adapter: Adapter, task: TaskData, protocol_name: str, path: Path, 
         "config": {**config.to_dict(), "models": None, "tasks": None},
         "feature_cache_key": next(iter(keys.values())) if len(keys) == 1 else keys,
     }
-    write_result(path, data)
+    data = write_result(path, data)  # as stored: paths portable
     return Result(data, path)
 
 
