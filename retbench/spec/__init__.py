@@ -1,7 +1,8 @@
 """Task specs: YAML files validated into frozen, typed objects.
 
-A spec may ``include:`` other YAML files (paths relative to itself); included mappings
-are merged depth-first, the including file winning. Every error names the file, the
+A spec may ``include:`` other YAML files (paths relative to itself, or a shipped base by name:
+``classification``, ``_base/flair``); included mappings are merged depth-first, the including file
+winning. ``metrics`` and ``protocols`` default by ``problem`` (:data:`~retbench.spec.schema.DEFAULT_METRICS`). Every error names the file, the
 key and what was allowed.
 
 ``kind`` selects the task type: ``classification`` (the default: one label per image),
