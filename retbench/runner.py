@@ -316,7 +316,7 @@ def run_protocol(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSou
     timings = {"extract_s": use.seconds, "features_from_cache": all(f.from_cache for f in used.values()),
                "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - use.seconds}
     data = _result_dict(adapter, task, sources, protocol, output, n_test, used, config, device, timings)
-    write_result(path, data)
+    data = write_result(path, data)  # as stored: paths portable
     return Result(data, path)
 
 

@@ -8,6 +8,7 @@ functions of these files.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +37,95 @@ def result_path(root: Path, model: str, task: str, protocol: str) -> Path:
     return root / safe_name(task) / safe_name(protocol) / f"{safe_name(model)}.json"
 
 
-def write_result(path: Path, result: dict[str, Any]) -> None:
-    """Write a result atomically (readers never see half a file)."""
+def write_result(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write a result atomically (readers never see half a file), with this machine's paths made portable
+    (:func:`portable_result`); returns what was written."""
+    result = portable_result(result, path.parent.parent.parent)
     atomic_write_json(path, result)
+    return result
+
+
+PATH_FIELDS = (("config", "results_dir"), ("config", "data_root"), ("config", "cache_dir"), ("config", "weights"),
+               ("model", "weights"), ("model", "weights_path"), ("model", "folder"), ("task", "file"))
+"""Fields that hold a path as the run used it (relative ones: to the working folder), made absolute before
+:func:`portable_result` rewrites them."""
+
+_ABS_PATH = re.compile(r"(?<![^\s(\[{'\"=])/[^\s'\"()\[\]{},;]+")  # an absolute path inside any text
+_ENV_FOLDERS = ("RETBENCH_WEIGHTS", "HF_HUB_CACHE", "HF_HOME")
+
+
+def portable_result(result: dict[str, Any], results_dir: Path) -> dict[str, Any]:
+    """``result`` without this machine's absolute paths, for sharing: every absolute path in any string becomes
+
+    - ``<cache>/…``, ``<data>/…``, ``<tasks>/…`` (the shipped tasks folder), ``$RETBENCH_WEIGHTS/…``,
+      ``$HF_HUB_CACHE/…``, ``$HF_HOME/…`` inside those folders (the deepest one);
+    - else a path relative to the results folder when the two share a folder below the home folder's
+      ancestors (a project's ``runs/`` beside its ``results/``: ``../runs/mae/model.safetensors``);
+    - else ``~/…`` inside the home folder, else ``<elsewhere>/<file name>``.
+
+    File names, hashes and sizes stay. A relative path in a stored result is relative to the results folder;
+    :func:`recorded_file` finds the file again.
+    """
+    cfg = result.get("config") if isinstance(result.get("config"), dict) else {}
+    result = _absolute_fields(result)
+    from retbench.spec.reader import shipped_tasks_dir
+
+    anchors = [(cfg.get("cache_dir"), "<cache>"), (cfg.get("data_root") or os.environ.get("RETBENCH_DATA"), "<data>"),
+               (shipped_tasks_dir(), "<tasks>")] + [(os.environ.get(v), f"${v}") for v in _ENV_FOLDERS]
+    labelled = [(os.path.abspath(os.path.expanduser(a)), label) for a, label in anchors if a]
+    home, results = os.path.abspath(Path.home()), os.path.abspath(results_dir)
+
+    def portable(match: re.Match[str]) -> str:
+        p = os.path.normpath(match.group(0))
+        inside = [(a, label) for a, label in labelled if _within(p, a)]
+        if inside:
+            a, label = max(inside, key=lambda i: len(i[0]))
+            return label if p == a else f"{label}/{os.path.relpath(p, a)}"
+        common = os.path.commonpath([p, results])
+        if common != os.sep and not _within(home, common):
+            return os.path.relpath(p, results)
+        if _within(p, home):
+            return "~" if p == home else f"~/{os.path.relpath(p, home)}"
+        return f"<elsewhere>/{os.path.basename(p)}"
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return _ABS_PATH.sub(portable, o) if isinstance(o, str) and "/" in o else o
+
+    return walk(result)
+
+
+def _absolute_fields(result: dict[str, Any]) -> dict[str, Any]:
+    out = dict(result)
+    for section, key in PATH_FIELDS:
+        value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value and value not in ("random", "hub") and not value.startswith("~"):
+            out[section] = {**out[section], key: os.path.abspath(value)}
+    return out
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def recorded_file(recorded: str, results_dir: Path) -> Path | None:
+    """The file a path recorded in a result names here (see :func:`portable_result`), or None where it was redacted."""
+    head, _, rest = recorded.partition("/")
+    if head.startswith("$"):
+        folder = os.environ.get(head[1:])
+        return Path(folder, rest) if folder else None
+    if head == "<tasks>":
+        from retbench.spec.reader import shipped_tasks_dir
+
+        tasks = shipped_tasks_dir()
+        return tasks / rest if tasks else None
+    if head.startswith("<"):
+        return None
+    path = Path(recorded).expanduser()
+    return path if path.is_absolute() else results_dir / path  # absolute: a result written before paths were portable
 
 
 def stale_reason(path: Path, spec_hash: str | None = None, weights: Path | None = None) -> str | None:
@@ -67,14 +154,15 @@ def stale_reason(path: Path, spec_hash: str | None = None, weights: Path | None 
     file = model.get("weights_path") or (model.get("weights") if model.get("weights") not in ("random", "hub") else None)
     if not recorded.startswith("sha256:"):
         return None
+    local = recorded_file(file, path.parent.parent.parent) if file else None  # the result is 3 levels down
     if weights is None:
-        if not file or not Path(file).is_file():
+        if local is None or not local.is_file():
             return None
-        weights = Path(file)
+        weights = local
     now = file_sha256(weights)
     if recorded == f"sha256:{now}":
         return None
-    if file and _same_file(Path(file), weights):
+    if local is not None and _same_file(local, weights):
         return (f"{path} was computed from another version of {file} (sha256 {recorded[7:19]}…, the file is now "
                 f"{now[:12]}…): rerun with --overwrite, or use another --results-dir to keep both")
     return (f"{path} was computed from a different file, {file} (sha256 {recorded[7:19]}…), than this run's {weights} "

@@ -65,6 +65,27 @@ def test_shipped_spec_validates(name: str) -> None:
     assert len(spec.spec_hash) == 16
 
 
+# spec_hash of every shipped spec, recorded before spec defaults and named includes were added: results
+# record it, and a changed hash marks every stored result of the task stale.
+SHIPPED_SPEC_HASHES = {
+    "acrima": "3f7667b1731439ae", "aptos2019": "8df38ceca989a52c", "csdi_cataract_severity": "6472e4ec929b0e60",
+    "csdi_retrieval": "743f41aa68ec6e0f", "csdi_vqa": "4ba0f0e5a3271534", "deepdrid": "4cfb5f43d6c513e4",
+    "eye4class": "9a7f1889ce49c218", "eye4class_dr_grading": "a6d9f47574a4477d", "eye4class_vqa": "c43805240903516d",
+    "fives": "d0e817f645108793", "glaucoma_fundus": "c83ed10aaa0a188d", "idrid": "a9e24e91f8f5941c",
+    "jsiec": "c51e8b9dc1f4f0f4", "jsiec20x3": "4edf3d480c183f1b", "messidor": "13603648bbf69b48",
+    "messidor2": "24b8e51625fd4577", "mmac": "c6a0d773101d2e75", "mx_dme_cfp_dr": "8ed14f3830891e16",
+    "mx_dme_cfp_oct_retrieval": "04a2194af51b76c4", "mx_dme_cfp_vqa": "f679aa7ac6b5223d",
+    "mx_dme_oct_dme": "295d24a704609384", "octid": "792f376074295208", "odir200x3": "a47616336fd2dae3",
+    "papila": "ebc7b20d058fcf06", "refuge": "914fc442c1abdbcf", "retina": "8e67b12408b49fe2",
+    "retinamnist": "3cdcdccd419bd18f",
+}
+
+
+def test_shipped_spec_hashes_are_unchanged() -> None:
+    """Parsing changes (defaults, include resolution) must not re-hash a shipped task: stored results would go stale."""
+    assert {name: parse_spec(path).spec_hash for name, path in task_index().items()} == SHIPPED_SPEC_HASHES
+
+
 def test_task_index_finds_bundled_and_public_tasks() -> None:
     names = set(task_index())
     assert {"eye4class", "eye4class_dr_grading", "retinamnist", "mx_dme_oct_dme", "mx_dme_cfp_dr",
@@ -135,6 +156,36 @@ def test_include_cycle_and_missing_include(tmp_path: Path) -> None:
     assert "nowhere.yaml" in str(err) and "file not found" in str(err) and err.key == "include"
 
 
+@pytest.mark.parametrize("inc", ["classification", "classification.yaml", "_base/classification",
+                                 "_base/classification.yaml"])
+def test_include_a_shipped_base_by_name(tmp_path: Path, inc: str) -> None:
+    """A spec outside the repository includes a shipped base by name, resolved from the shipped tasks folder."""
+    base = Path(task_index()["eye4class"]).parents[1] / "_base" / "classification.yaml"
+    body = VALID.replace("metrics: [aca, accuracy]\nprotocols: [linear_probe]\n", "")
+    by_name = parse_spec(write(tmp_path / "a.yaml", f"include: {inc}\n" + body))
+    by_path = parse_spec(write(tmp_path / "b.yaml", f"include: {base}\n" + body))
+    assert by_name.raw == by_path.raw and by_name.spec_hash == by_path.spec_hash
+    assert by_name.splits.by_patient is True and "kappa_quadratic" in by_name.metrics
+
+
+def test_include_flair_base_by_name(tmp_path: Path) -> None:
+    spec = parse_spec(write(tmp_path / "t.yaml", "include: flair\n" + VALID.replace("  kind: csv\n", "")))
+    assert spec.groups == ("flair", "public") and spec.source.label_format == "list"  # from _base/flair.yaml
+
+
+def test_a_local_file_wins_over_a_shipped_base(tmp_path: Path) -> None:
+    write(tmp_path / "flair.yaml", "groups: [mine]\n")
+    assert parse_spec(write(tmp_path / "t.yaml", "include: flair.yaml\n" + VALID)).groups == ("mine",)
+
+
+def test_unknown_include_lists_the_shipped_bases(tmp_path: Path) -> None:
+    err = spec_error(write(tmp_path / "t.yaml", "include: clasification\n" + VALID))
+    assert err.key == "include" and "'clasification'" in str(err)
+    assert "shipped bases: bundled, classification, flair, retfound" in str(err)
+    err = spec_error(write(tmp_path / "u.yaml", "include: ../../_base/classification\n" + VALID))
+    assert "file not found" in str(err)  # a name never climbs out of the shipped tasks folder
+
+
 def spec_error_any(path: Path) -> SpecError:
     with pytest.raises(SpecError) as info:
         parse_spec(path)
@@ -150,6 +201,22 @@ def test_valid_spec_parses(tmp_path: Path) -> None:
     assert spec.name == "toy" and spec.version == "2" and spec.class_names == ["a", "b", "c"]
     assert spec.primary_metric == "aca"  # defaults to the first metric
     assert spec.classes[0].match == ("a",) and spec.classes[0].prompts == ("a",)
+
+
+def test_metrics_and_protocols_default_by_problem(tmp_path: Path) -> None:
+    """A spec without metrics/protocols gets those of tasks/_base/classification.yaml (a grading task ranks by
+    quadratic kappa, as the shipped grading tasks do); the defaults are hashed as if written out."""
+    base = load_yaml_with_includes(Path(task_index()["eye4class"]).parents[1] / "_base" / "classification.yaml")
+    bare = VALID.replace("metrics: [aca, accuracy]\nprotocols: [linear_probe]\n", "")
+    for problem in ("binary", "multiclass", "ordinal"):
+        text = bare.replace("problem: multiclass", f"problem: {problem}").replace("[a, b, c]", "[a, b]")
+        spec = parse_spec(write(tmp_path / f"{problem}.yaml", text))
+        assert spec.protocols == tuple(base["protocols"])
+        assert sorted(spec.metrics) == sorted(base["metrics"])
+        assert spec.primary_metric == spec.metrics[0] == ("kappa_quadratic" if problem == "ordinal" else "aca")
+        written = text + f"metrics: [{', '.join(spec.metrics)}]\nprotocols: [{', '.join(spec.protocols)}]\n"
+        assert parse_spec(write(tmp_path / f"{problem}_written.yaml", written)).spec_hash == spec.spec_hash
+    assert tuple(base["metrics"]) == parse_spec(tmp_path / "binary.yaml").metrics
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -202,7 +269,7 @@ def test_bad_problem_lists_allowed_values(tmp_path: Path) -> None:
     assert err.key == "problem" and "binary, multiclass, ordinal, multilabel" in str(err)
 
 
-@pytest.mark.parametrize("key", ["name", "modality", "problem", "classes", "metrics", "protocols"])
+@pytest.mark.parametrize("key", ["name", "modality", "problem", "classes"])
 def test_missing_required_key(tmp_path: Path, key: str) -> None:
     lines = [ln for ln in VALID.splitlines() if not ln.startswith(f"{key}:")]
     err = spec_error(write(tmp_path / "t.yaml", "\n".join(lines) + "\n"))

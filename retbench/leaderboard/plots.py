@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from sklearn.metrics import confusion_matrix, roc_curve
 
 from retbench.atomic_files import atomic_write_bytes
@@ -25,6 +26,9 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 Point = tuple[int, float, float | None, float | None]
 """One point of a curve: (k, mean, CI low, CI high)."""
+
+MIN_WIDTH = 6.5
+"""The narrowest figure (inches): a single panel still leaves its title and legend room."""
 
 
 def model_colours(models: Sequence[str]) -> dict[str, str]:
@@ -44,7 +48,7 @@ def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
 def _grid(n: int, ncols: int = 3, width: float = 4.3, height: float = 3.5) -> tuple[Figure, np.ndarray]:
     cols = max(1, min(ncols, n))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(width * cols, height * rows + 0.9), layout="constrained")
+    fig = Figure(figsize=(max(MIN_WIDTH, width * cols), height * rows + 0.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -55,7 +59,22 @@ def _legend_below(fig: Figure, models: Sequence[str], colours: Mapping[str, str]
     from matplotlib.lines import Line2D
 
     handles = [Line2D([0], [0], color=colours[m], lw=2.5) for m in models]
-    fig.legend(handles, list(models), loc="outside lower center", ncols=min(len(models), 4), frameon=False)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ncols in range(min(len(models), 4), 0, -1):  # as many columns (up to 4) as the figure's width holds
+        legend = fig.legend(handles, list(models), loc="outside lower center", ncols=ncols, frameon=False)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            break
+        legend.remove()
+
+
+def _fit_width(fig: Figure, text: Text) -> Text:
+    """Wrap ``text`` (a title) onto more lines until it is no wider than the figure; unchanged when it fits."""
+    renderer, whole = FigureCanvasAgg(fig).get_renderer(), text.get_text()
+    chars = len(whole)
+    while (wide := text.get_window_extent(renderer).width) > 0.98 * fig.bbox.width and chars > 12:
+        chars = min(chars - 1, int(chars * 0.98 * fig.bbox.width / wide))
+        text.set_text("\n".join(textwrap.wrap(whole, max(chars, 12), break_on_hyphens=False)))
+    return text
 
 
 def plot_few_shot_curves(curves: Mapping[str, Mapping[str, Sequence[Point]]], ylabel: Mapping[str, str],
@@ -87,7 +106,7 @@ def plot_few_shot_curves(curves: Mapping[str, Mapping[str, Sequence[Point]]], yl
         ax.set_ylabel(ylabel.get(task, ""))
         ax.grid(alpha=0.3)
     _legend_below(fig, models, colours)
-    fig.suptitle(title)
+    _fit_width(fig, fig.suptitle(title))
     return save_png(fig, path)
 
 
@@ -118,7 +137,7 @@ def plot_task_bars(values: Mapping[str, Mapping[str, tuple[float, float | None, 
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=9)
-    ax.set_title(title)
+    _fit_width(fig, ax.set_title(title))
     return save_png(fig, path)
 
 
@@ -174,7 +193,7 @@ def plot_roc_curves(panels: Mapping[str, Mapping[str, tuple[np.ndarray, float]]]
         ax.grid(alpha=0.3)
         ax.legend(title="AUROC", loc="lower right", fontsize=8, title_fontsize=8)
     _legend_below(fig, models, colours)
-    fig.suptitle(title)
+    _fit_width(fig, fig.suptitle(title))
     return save_png(fig, path)
 
 
@@ -216,5 +235,5 @@ def plot_confusion_matrices(matrices: Mapping[str, np.ndarray], class_names: Seq
         ax.set_title(model, fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class")
-    fig.suptitle(title)
+    _fit_width(fig, fig.suptitle(title))
     return save_png(fig, path)

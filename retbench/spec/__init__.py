@@ -1,8 +1,9 @@
 """Task specs: YAML files validated into frozen, typed objects.
 
-A spec may ``include:`` other YAML files (paths relative to itself); included mappings
-are merged depth-first, the including file winning. Every error names the file, the
-key and what was allowed.
+A spec may ``include:`` other YAML files (paths relative to itself, or a shipped base by name:
+``classification``, ``_base/flair``); included mappings are merged depth-first, the including file
+winning. ``metrics`` and ``protocols`` default by ``problem`` (``schema.DEFAULT_METRICS``,
+``DEFAULT_PROTOCOLS``). Every error names the file, the key and what was allowed.
 
 ``kind`` selects the task type: ``classification`` (the default: one label per image),
 ``retrieval`` (pairs of images and texts, or of two images, ranked against each other;

@@ -7,6 +7,8 @@ from typing import Any
 
 from retbench.spec.reader import Reader, load_yaml_with_includes
 from retbench.spec.schema import (
+    DEFAULT_METRICS,
+    DEFAULT_PROTOCOLS,
     IMAGE_MODALITIES,
     KINDS,
     MODALITIES,
@@ -44,17 +46,19 @@ def parse_spec(path: Path) -> TaskSpec:
             raise r.fail(section, f"a '{section}' section needs kind: {section} (this task's kind is '{kind}')")
     if kind != "classification":
         return _parse_kind_task(r, path, raw, kind)
-    metrics = r.strings("metrics")
-    for m in metrics:
-        if m not in METRICS:
-            raise r.fail("metrics", METRICS.unknown_message(m))
-    primary = _primary_metric(r, metrics)
-    protocols = r.strings("protocols")
-    _check_protocols(r, protocols, kind)
     problem = r.get("problem", str, choices=PROBLEMS)
     if problem == "multilabel":
         raise r.fail("problem", "multilabel tasks are part of the schema but no source reader or protocol "
                      "implements them yet; use binary, multiclass or ordinal")
+    metrics = r.strings("metrics", DEFAULT_METRICS.get(problem, ...))
+    for m in metrics:
+        if m not in METRICS:
+            raise r.fail("metrics", METRICS.unknown_message(m))
+    primary = _primary_metric(r, metrics)
+    protocols = r.strings("protocols", DEFAULT_PROTOCOLS.get(problem, ...))
+    _check_protocols(r, protocols, kind)
+    # defaults are hashed as if written out, so a spec_hash also changes should a default change
+    raw = {**raw, **{k: list(v) for k, v in (("metrics", metrics), ("protocols", protocols)) if raw.get(k) is None}}
     classes = parse_classes(r)
     if problem == "binary" and len(classes) != 2:
         raise r.fail("classes", f"problem 'binary' needs exactly 2 classes, got {len(classes)}")

@@ -37,8 +37,35 @@ def load_yaml_with_includes(path: Path, _seen: tuple[Path, ...] = ()) -> dict[st
                         f"{includes!r}")
     merged: dict[str, Any] = {}
     for inc in includes:
-        merged = deep_merge(merged, load_yaml_with_includes(path.parent / inc, _seen + (path,)))
+        merged = deep_merge(merged, load_yaml_with_includes(resolve_include(path, inc), _seen + (path,)))
     return deep_merge(merged, data)
+
+
+def shipped_tasks_dir() -> Path | None:
+    """The ``tasks/`` folder shipped with retbench (inside the wheel, or at the root of a source checkout)."""
+    package = Path(__file__).resolve().parents[1]
+    return next((d for d in (package / "tasks", package.parent / "tasks") if d.is_dir()), None)
+
+
+def shipped_bases() -> list[str]:
+    """Names of the shipped includes in ``tasks/_base/`` (``classification``, ``flair``...)."""
+    shipped = shipped_tasks_dir()
+    return sorted(p.stem for p in (shipped / "_base").glob("*.yaml")) if shipped else []
+
+
+def resolve_include(path: Path, inc: str) -> Path:
+    """The file ``include: inc`` of spec ``path`` names: a path relative to the spec, else a shipped base by name
+    (``classification``, ``_base/flair``, with or without ``.yaml``), looked up in the shipped tasks folder."""
+    target = path.parent / inc
+    if target.is_file():
+        return target
+    shipped, rel = shipped_tasks_dir(), Path(inc if inc.endswith((".yaml", ".yml")) else f"{inc}.yaml")
+    if shipped and not rel.is_absolute() and ".." not in rel.parts:
+        for candidate in (shipped / "_base" / rel, shipped / rel):
+            if candidate.is_file():
+                return candidate
+    raise SpecError(str(path), "include", f"'{inc}': file not found ({target}) and no shipped base of that name; "
+                    f"shipped bases: {', '.join(shipped_bases()) or 'none'}")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

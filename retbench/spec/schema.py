@@ -18,6 +18,20 @@ DEFAULT_ANSWER_TEMPLATE = "Q: {question} A: {answer}"
 SPLIT_STRATEGIES = ("given", "stratified")
 LABEL_FORMATS = ("value", "list")
 
+# Defaults of a classification task that lists no ``metrics`` / ``protocols``: the lists of tasks/_base/classification.yaml,
+# which every shipped classification task uses. An ordinal (grading) task reports the same metrics with
+# kappa_quadratic first, since the primary metric defaults to the first one and the shipped grading tasks rank by it.
+_CLASSIFICATION_METRICS = ("aca", "accuracy", "f1_macro", "auroc", "aupr", "kappa_quadratic", "kappa_unweighted", "mcc",
+                           "sensitivity_per_class", "specificity_per_class")
+DEFAULT_METRICS = {
+    "binary": _CLASSIFICATION_METRICS,
+    "multiclass": _CLASSIFICATION_METRICS,
+    "ordinal": ("kappa_quadratic",) + tuple(m for m in _CLASSIFICATION_METRICS if m != "kappa_quadratic"),
+}
+_CLASSIFICATION_PROTOCOLS = ("linear_probe", "linear_probe.flair", "linear_probe.flair_grouped", "linear_probe.retfound",
+                             "few_shot", "zero_shot")
+DEFAULT_PROTOCOLS = dict.fromkeys(DEFAULT_METRICS, _CLASSIFICATION_PROTOCOLS)
+
 
 @dataclass(frozen=True)
 class ClassSpec:
