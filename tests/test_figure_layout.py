@@ -10,7 +10,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from retbench import plots
+from retbench.leaderboard import plots
 
 MODELS = ("classical.default", "local:flair", "local:flair@random", "local:mae", "local:mae@random", "timm:resnet18",
           "tinyclip.test")

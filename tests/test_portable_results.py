@@ -11,7 +11,7 @@ from test_identity_and_cache import _local_model, _options, _tinyclip_weights
 
 import retbench
 from retbench.errors import RetbenchError
-from retbench.local_format import WEIGHTS_FILE
+from retbench.local_model_format import WEIGHTS_FILE
 from retbench.spec.reader import shipped_tasks_dir
 from retbench.store import portable_result, recorded_file
 
