@@ -240,6 +240,19 @@ def test_source_path_of_the_wrong_kind(kind: str, expected: str, tmp_path: Path,
     assert f"error: task 'src': {root / 'thing'} {expected}" in err
 
 
+def test_npz_missing_label(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A source that cannot drop rows (npz, folder, hf_disk) names a missing label; it used to end in a TypeError."""
+    import numpy as np
+
+    spec, root = _source_task(tmp_path, "npz", "d.npz")
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    np.savez(root / "d.npz", train_images=images, train_labels=np.array([0.0, np.nan]), test_images=images,
+             test_labels=np.array([0.0, 1.0]))
+    err = _one_error(capsys, "run", "-m", "classical", "-t", str(spec), "--data-root", str(root),
+                     "--results-dir", str(tmp_path / "r"))
+    assert f"error: {root / 'd.npz'}: train_labels[1]: missing label nan" in err
+
+
 # ------------------------------------------------------------------ 5. the result store
 
 

@@ -61,6 +61,13 @@ class LabelMapper:
             raise DataError(f"{where}: label '{key}' is not in the class list {sorted(self.lookup)}")
         return self.lookup[key]
 
+    def required(self, value: Any, where: str) -> int:
+        """The class index of ``value`` for a source that has no way to drop a row: a missing label is an error."""
+        label = self(value, where)
+        if label is None:
+            raise DataError(f"{where}: missing label {value!r}")
+        return label
+
     def _from_list(self, value: Any, where: str) -> int | None:
         try:
             items = ast.literal_eval(value) if isinstance(value, str) else value

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -27,14 +27,17 @@ SourceReader = Callable[[TaskSpec, Path], Examples]
 SOURCES: Registry[SourceReader] = Registry("source kind")
 
 
-def _finish(spec: TaskSpec, rows: list[tuple[str, int, str, str | None]], images: Any, dropped: dict) -> Examples:
+Row = tuple[str, int, str, str | None]  # image id, class index, patient, given split
+
+
+def _finish(spec: TaskSpec, rows: list[Row], images: Any, dropped: dict) -> Examples:
     ids = [r[0] for r in rows]
-    splits = [r[3] for r in rows]
+    given = [r[3] for r in rows if r[3] is not None]
     return Examples(
         ids=ids,
         labels=np.array([r[1] for r in rows], dtype=np.int64),
         patients=[r[2] for r in rows],
-        given_split=splits if all(s is not None for s in splits) and rows else None,
+        given_split=given if len(given) == len(rows) and rows else None,
         images=images,
         dropped={k: v for k, v in dropped.items() if v},
     )
@@ -46,10 +49,12 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
     src = spec.source
     guard = RootGuard(spec, root)
     guard.check_spec()
-    files = src.files or {None: src.path}
+    files: dict[str | None, str] = {split: rel for split, rel in src.files.items()} or {None: src.path}
     mapper = LabelMapper(spec)
-    rows, dropped, origins = [], defaultdict(list), []
-    image_root = None
+    rows: list[Row] = []
+    dropped: defaultdict[str, list[str]] = defaultdict(list)
+    origins: list[tuple[Path, int]] = []
+    image_root: Path | None = None
     for split, rel in files.items():
         csv_path = require_path(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
@@ -72,7 +77,7 @@ def read_csv(spec: TaskSpec, root: Path) -> Examples:
             rows.append((image_id, label, patient, row_split))
             origins.append((csv_path, i + 2))
     rows, warnings = drop_relabelled_rows(spec, rows, origins, lambda label: spec.classes[label].name, dropped)
-    examples = _finish(spec, rows, FileImages(image_root), dropped)
+    examples = _finish(spec, rows, FileImages(cast(Path, image_root)), dropped)  # files is never empty
     examples.warnings.extend(warnings)
     return examples
 
@@ -83,15 +88,15 @@ def read_folder(spec: TaskSpec, root: Path) -> Examples:
     RootGuard(spec, root).check_spec()
     src = spec.source
     base = require_path(root / src.path, spec, root, "folder")
-    split_dirs = src.split_dirs or {None: ""}
+    split_dirs: dict[str | None, str] = {split: sub for split, sub in src.split_dirs.items()} or {None: ""}
     mapper = LabelMapper(spec)
-    rows = []
+    rows: list[Row] = []
     for split, sub in split_dirs.items():
         split_root = base / sub
         if not split_root.is_dir():
             raise DataError(missing_message(spec, root, [str(split_root.relative_to(root)) + "/"], 1))
         for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir()):
-            label = mapper(class_dir.name, f"{class_dir}")
+            label = mapper.required(class_dir.name, f"{class_dir}")
             for img in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 image_id = str(img.relative_to(base))
                 rows.append((image_id, label, patient_of(spec, image_id), split))
@@ -115,14 +120,15 @@ def read_npz(spec: TaskSpec, root: Path) -> Examples:
     splits = [k[: -len("_images")] for k in arrays if k.endswith("_images")]
     if not splits:
         raise DataError(f"{path}: no '<split>_images' arrays (found: {', '.join(arrays)})")
-    rows, images = [], {}
+    rows: list[Row] = []
+    images: dict[str, np.ndarray | list[np.ndarray]] = {}
     for split in sorted(splits, key=["train", "val", "test"].index if set(splits) <= {"train", "val", "test"} else str):
         if f"{split}_labels" not in arrays:
             raise DataError(f"{path}: '{split}_images' has no matching '{split}_labels'")
         images[split] = arrays[f"{split}_images"]
         for i, lab in enumerate(np.asarray(arrays[f"{split}_labels"]).reshape(len(images[split]), -1)[:, 0]):
             image_id = f"{split}/{i}"
-            rows.append((image_id, mapper(lab.item(), f"{path}: {split}_labels[{i}]"), f"img:{image_id}", split))
+            rows.append((image_id, mapper.required(lab.item(), f"{path}: {split}_labels[{i}]"), f"img:{image_id}", split))
     return _finish(spec, rows, ArrayImages(images), {})
 
 
@@ -137,7 +143,8 @@ def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
     ds = datasets.load_from_disk(str(path))
     parts = dict(ds.items()) if isinstance(ds, datasets.DatasetDict) else {None: ds}
     mapper = LabelMapper(spec)
-    rows, arrays = [], {}
+    rows: list[Row] = []
+    arrays: dict[str, np.ndarray | list[np.ndarray]] = {}
     for split, part in parts.items():
         feature = part.features.get(src.label_column)
         if feature is None:
@@ -149,6 +156,6 @@ def read_hf_disk(spec: TaskSpec, root: Path) -> Examples:
         arrays[key] = [np.asarray(to_8bit(im).convert("RGB")) for im in part[src.image_column]]
         for i, raw in enumerate(part[src.label_column]):
             value = names[raw] if names else raw
-            label = mapper(value, f"{path}: {key}[{i}]")
+            label = mapper.required(value, f"{path}: {key}[{i}]")
             rows.append((f"{key}/{i}", label, f"img:{key}/{i}", split))
     return _finish(spec, rows, ArrayImages(arrays), {})
