@@ -130,7 +130,9 @@ class Adapter(ABC):
         check_precision(precision)
         self.precision = precision  # as asked: release | fp32 | fp16 | bf16
         # the instance attribute shadows the family's ClassVar: what features.extract autocasts to on CUDA
-        self.autocast_dtype = self.release_autocast_dtype() if precision == "release" else AUTOCAST[precision]
+        # (deliberate, so mypy's rule against assigning a ClassVar through an instance is silenced here)
+        self.autocast_dtype = (  # type: ignore[misc]
+            self.release_autocast_dtype() if precision == "release" else AUTOCAST[precision])
         self.preprocess: Preprocess = tag.preprocess
         self.weights_path: Path | None = None  # the checkpoint actually read, set by weights_file()
 
@@ -161,7 +163,7 @@ class Adapter(ABC):
         """
         aux = filename is not None and filename != self.tag.filename
         explicit = self.weights
-        if aux and explicit:
+        if aux and explicit and filename is not None:  # aux implies a filename; the test narrows it for mypy
             given = Path(explicit).expanduser()
             candidate = (given if given.is_dir() else given.parent) / filename
             explicit = str(candidate) if candidate.exists() else None
@@ -349,9 +351,10 @@ def discover_adapters() -> None:
     _discovered = True
     from retbench import model_adapters
 
-    for info in pkgutil.iter_modules(model_adapters.__path__):
+    # mypy does not follow the package-dir mapping (model_adapters/ → retbench.model_adapters), so it cannot see this package
+    for info in pkgutil.iter_modules(model_adapters.__path__):  # type: ignore[attr-defined]
         if not info.name.startswith("_"):
-            importlib.import_module(f"{model_adapters.__name__}.{info.name}")
+            importlib.import_module(f"{model_adapters.__name__}.{info.name}")  # type: ignore[attr-defined]
 
 
 def split_model_name(name: str) -> tuple[str, str | None]:
@@ -425,10 +428,11 @@ def weights_source(tag: WeightsTag) -> str:
 def describe_input(pre: Preprocess) -> str:
     """A short human description of a preprocessing, e.g. ``224 resize_crop(0.875) bicubic imagenet``."""
     resize = f"resize_crop({pre.crop_pct:g})" if pre.resize == "resize_crop" and pre.crop_pct != 1 else pre.resize
-    norm = {
+    norms: dict[tuple[tuple[float, ...], tuple[float, ...]], str] = {
         (IMAGENET_MEAN, IMAGENET_STD): "imagenet", (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD): "clip",
         ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)): "[0,1]", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): "0.5/0.5",
-    }.get((tuple(pre.mean), tuple(pre.std)), "custom mean/std")
+    }
+    norm = norms.get((tuple(pre.mean), tuple(pre.std)), "custom mean/std")
     if pre.normalization == "per_image":
         norm = "per-image z-score"
     parts = [f"{pre.size}", resize, pre.interpolation, norm]

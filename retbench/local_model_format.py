@@ -79,7 +79,7 @@ class TextConfig:
     tower: str
     pooling: str = "mean"
     normalize: bool = True
-    max_length: int = 256
+    max_length: int | None = 256  # null: the tokenizer's own limit (at most 512)
     files: str = TEXT_FILES
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -53,7 +54,8 @@ def _rich_bar(description: str, total: int, out: Console) -> Iterator[Advance]:
         task = bar.add_task(description, total=total, status="")
 
         def advance(n: int = 1, status: str | None = None) -> None:
-            bar.update(task, advance=n, **({"status": status} if status is not None else {}))
+            fields: dict[str, Any] = {"status": status} if status is not None else {}
+            bar.update(task, advance=n, **fields)
 
         yield advance
 

@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast, overload
 
 from retbench.errors import RetbenchError, UnknownNameError
 
@@ -93,8 +93,14 @@ class Registry(Generic[T]):
         """The contract entries must satisfy (None: any object)."""
         if isinstance(self._contract, str):
             module, _, attr = self._contract.partition(":")
-            self._contract = getattr(importlib.import_module(module), attr)
-        return self._contract  # type: ignore[return-value]
+            self._contract = cast(Contract, getattr(importlib.import_module(module), attr))
+        return self._contract
+
+    @overload
+    def register(self, name: str, obj: None = None) -> Callable[[T], T]: ...
+
+    @overload
+    def register(self, name: str, obj: T) -> T: ...
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; used bare or as a decorator."""
@@ -132,10 +138,11 @@ class Registry(Generic[T]):
                             f"{contract.name}: {problem}")
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
+        group = self.entry_point_group
+        if self._entry_points_loaded or group is None:  # no group: loaded from the start
             return
         self._entry_points_loaded = True
-        for ep in entry_points(group=self.entry_point_group):
+        for ep in entry_points(group=group):
             self._items.setdefault(ep.name, ep.value)
 
     def get(self, name: str) -> T:

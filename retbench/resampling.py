@@ -25,7 +25,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -144,7 +144,7 @@ def replicate_values(metric: Metric, y: np.ndarray, proba: np.ndarray, weights: 
     for b, w in enumerate(weights.astype(np.int64)):
         rows = np.repeat(np.arange(len(y)), w)
         if len(rows):
-            out[b] = float(metric(y[rows], proba[rows]))
+            out[b] = float(cast(float, metric(y[rows], proba[rows])))  # a scalar metric: never a per-class one here
     return out
 
 
@@ -190,7 +190,7 @@ def _matrix(metric: Metric, runs: Sequence[RunPredictions], clusters: ClusterMap
 
 def run_value(metric: Metric, run: RunPredictions) -> float:
     """A run's metric on all its test images (the mean over its parts)."""
-    values = np.array([float(metric(p.y, p.proba)) for p in run.leaves()], dtype=float)
+    values = np.array([float(cast(float, metric(p.y, p.proba))) for p in run.leaves()], dtype=float)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 

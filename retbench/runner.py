@@ -443,7 +443,7 @@ def evaluate(model: str, task: str, protocol: str = "linear_probe", **options: A
     if protocol not in select_protocols(spec, (protocol,)):
         raise NotApplicableError(not_applicable_reason(spec, protocol))
     res = run(config)[0]
-    if res.status == "existing":
+    if res.status == "existing" and res.path is not None:  # an existing result always has its path
         import json
 
         res = Result(json.loads(res.path.read_text()), res.path, "existing")

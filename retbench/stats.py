@@ -570,7 +570,7 @@ def summarize(run_metrics: Sequence[Mapping[str, Any]], interval: Callable[[str]
     return summary
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
     """Student-t interval of the mean of a few values: ``(low, high, standard error)``.
 
     For spreads without test predictions to resample (a few-shot curve's support sets per k);

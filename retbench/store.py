@@ -66,7 +66,9 @@ def portable_result(result: dict[str, Any], results_dir: Path) -> dict[str, Any]
     File names, hashes and sizes stay. A relative path in a stored result is relative to the results folder;
     :func:`recorded_file` finds the file again.
     """
-    cfg = result.get("config") if isinstance(result.get("config"), dict) else {}
+    cfg = result.get("config")
+    if not isinstance(cfg, dict):
+        cfg = {}
     result = _absolute_fields(result)
     from retbench.spec.reader import shipped_tasks_dir
 

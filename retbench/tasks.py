@@ -108,6 +108,8 @@ def resolve_tasks(selectors: list[str]) -> list[str]:
             if not names:
                 raise RetbenchError(f"no task matches '{sel}'")
         else:
-            names = [sel] if sel.endswith((".yaml", ".yml")) else [task_registry().get(sel) and sel]
+            if not sel.endswith((".yaml", ".yml")):
+                task_registry().get(sel)  # raises, with suggestions, for an unknown name
+            names = [sel]
         out += [n for n in names if n not in out]
     return out

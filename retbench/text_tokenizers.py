@@ -31,7 +31,7 @@ def wordpiece_tokenizer(vocab: Path, lowercase: bool, max_length: int) -> Any:
     """A fast BERT WordPiece tokenizer from a ``vocab.txt`` (no hub access)."""
     import inspect
 
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # a lazy alias in transformers 5, not in its hints
 
     # transformers 5 takes the vocabulary as ``vocab``; 4.x as ``vocab_file``
     arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"

@@ -54,7 +54,7 @@ class TextTower(nn.Module):
     @property
     def dim(self) -> int:
         """Width of the pooled embedding."""
-        cfg = self.encoder.config
+        cfg: Any = self.encoder.config  # a transformers config (nn.Module's __getattr__ types it Tensor | Module)
         return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
 
     @property
@@ -90,7 +90,8 @@ class TextTower(nn.Module):
         """Write the encoder's ``config.json`` and the tokenizer files into ``folder`` (no weights)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.config.save_pretrained(str(folder))
+        config: Any = self.encoder.config  # a transformers config, as in dim
+        config.save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))
 
 
@@ -111,11 +112,12 @@ def _source(spec: str) -> str:
     raise RetbenchError(f"unknown text tower '{spec}': use 'minilm' or 'hf:<hub id or local folder>'")
 
 
-def _encoder_only(model: nn.Module) -> nn.Module:
+def _encoder_only(model: Any) -> nn.Module:
+    """A transformers model's encoder (the model itself unless it is an encoder-decoder)."""
     return model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
 
 
-def _assemble(encoder: nn.Module, tokenizer: Any, spec: str, device: str | torch.device, pooling: str | None,
+def _assemble(encoder: nn.Module, tokenizer: Any, spec: str, device: str | torch.device, pooling: Pooling | None,
               normalize: bool | None, max_length: int | None) -> TextTower:
     d = _defaults(spec)
     if max_length is None:

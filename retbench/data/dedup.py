@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -189,15 +190,15 @@ def file_items(source: str, paths: Iterable[Path], root: Path | None = None) -> 
         stat = p.stat()
         image_id = str(p.relative_to(root)) if root is not None else str(p)
         items.append(ImageItem(source, image_id, f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}",
-                               lambda p=p: open_for_hash(p)))
+                               partial(open_for_hash, p)))
     return items
 
 
-def example_items(task: str, examples: Examples, indices: Sequence[int]) -> list[ImageItem]:
+def example_items(task: str, examples: Examples, indices: Sequence[int] | np.ndarray) -> list[ImageItem]:
     """Items for ``indices`` of already loaded :class:`~retbench.data.examples.Examples`."""
     images = examples.images
     if isinstance(images, FileImages):
         return file_items(task, [images.path(examples.ids[i]) for i in indices], root=images.root)
     digest = hashlib.sha256("".join(images.fingerprint(examples.ids[:1])).encode()).hexdigest()[:16]
-    return [ImageItem(task, examples.ids[i], f"array:{digest}:{examples.ids[i]}",
-                      lambda i=i: images.open(examples.ids[i])) for i in indices]
+    return [ImageItem(task, examples.ids[i], f"array:{digest}:{examples.ids[i]}", partial(images.open, examples.ids[i]))
+            for i in indices]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,7 +66,8 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
     labels, patients, given = [], [], []
     dropped: dict[str, list[str]] = defaultdict(list)
     image_root = root
-    for split, rel in (src.files or {None: src.path}).items():
+    files: dict[str | None, str] = {split: rel for split, rel in src.files.items()} or {None: src.path}
+    for split, rel in files.items():
         csv_path = require_path(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
@@ -88,7 +89,7 @@ def read_pairs(spec: TaskSpec, root: Path) -> PairData:
             for s in sides:
                 if s.type == "image":
                     guard.check_image(image_root, str(row[s.name]), where, s.column)
-            first_image = next(row[s.name] for s in sides if s.type == "image")
+            first_image = cast(str, next(row[s.name] for s in sides if s.type == "image"))  # no side is empty here
             patients.append(patient_of(spec, first_image, rec.get(src.patient_column) if src.patient_column else None))
             for s in sides:
                 values[s.name].append(str(row[s.name]))
@@ -124,5 +125,6 @@ def load_pairs(spec: TaskSpec, root: Path) -> PairData:
     pairs = read_pairs(spec, root)
     check_examples(spec, root, pairs.examples)
     stacked = make_splits(spec, pairs.examples)
-    pairs.splits = {name: np.unique(pairs.examples.item_of[rows]) for name, rows in stacked.items()}
+    item_of = cast(np.ndarray, pairs.examples.item_of)  # _assemble sets it on the stacked examples
+    pairs.splits = {name: np.unique(item_of[rows]) for name, rows in stacked.items()}
     return pairs

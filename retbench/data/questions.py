@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -78,7 +78,8 @@ def _csv_records(spec: TaskSpec, root: Path) -> tuple[list[tuple[str, Any, dict[
     """(where, given split, record) per CSV row (the record's ``_origin``: its file and row number), and the image root."""
     src, out = spec.source, []
     image_root = root
-    for split, rel in (src.files or {None: src.path}).items():
+    files: dict[str | None, str] = {split: rel for split, rel in src.files.items()} or {None: src.path}
+    for split, rel in files.items():
         csv_path = require_path(root / rel, spec, root, "file")
         image_root = root / src.image_root if src.image_root is not None else csv_path.parent
         frame = read_frame(spec, root, csv_path)
@@ -97,7 +98,8 @@ def _folder_records(spec: TaskSpec, root: Path, dropped: dict[str, list[str]]) -
     src = spec.source
     base = require_path(root / src.path, spec, root, "folder")
     rows = []
-    for split, sub in (src.split_dirs or {None: ""}).items():
+    split_dirs: dict[str | None, str] = {split: sub for split, sub in src.split_dirs.items()} or {None: ""}
+    for split, sub in split_dirs.items():
         split_root = base / sub
         if not split_root.is_dir():
             raise DataError(missing_message(spec, root, [str(split_root.relative_to(root)) + "/"], 1))
@@ -136,7 +138,7 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
             dropped["no_answer"].append(image_id)
             continue
         ids.append(image_id)
-        labels.append(offsets[asked[0]] + row[asked[0]])
+        labels.append(offsets[asked[0]] + cast(int, row[asked[0]]))  # asked lists the answered questions
         patients.append(patient_of(spec, image_id, rec.get(src.patient_column) if src.patient_column else None))
         given.append(split)
         answers.append([-1 if a is None else a for a in row])
@@ -148,8 +150,8 @@ def read_questions(spec: TaskSpec, root: Path) -> QuestionData:
                                           lambda a, b: any(x >= 0 and y >= 0 and x != y for x, y in zip(a, b)))
         if len(keep) < len(rows):
             kept = [k for *_, k in keep]
-            ids, labels, patients, given, answers = ([seq[k] for k in kept]
-                                                     for seq in (ids, labels, patients, given, answers))
+            ids, labels, patients = [ids[k] for k in kept], [labels[k] for k in kept], [patients[k] for k in kept]
+            given, answers = [given[k] for k in kept], [answers[k] for k in kept]
     examples = Examples(
         ids=ids, labels=np.asarray(labels, dtype=np.int64), patients=patients,
         given_split=given if ids and all(g is not None for g in given) else None,

@@ -26,7 +26,7 @@ def make_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
         # once per Examples: probes carve validation folds from the same (merged) groups
         examples.patients, examples.near_duplicate_pairs = merge_near_duplicate_groups(spec.name, examples)
     if examples.item_of is not None:
-        return _item_splits(spec, examples)
+        return _item_splits(spec, examples, examples.item_of)
     if spec.splits.strategy == "given":
         splits = _given(spec, examples)
     else:
@@ -100,15 +100,15 @@ def check_class_coverage(spec: TaskSpec, examples: Examples, splits: dict[str, n
             warn(note)
 
 
-def _item_splits(spec: TaskSpec, examples: Examples) -> dict[str, np.ndarray]:
-    items, first = np.unique(examples.item_of, return_index=True)
+def _item_splits(spec: TaskSpec, examples: Examples, item_of: np.ndarray) -> dict[str, np.ndarray]:
+    items, first = np.unique(item_of, return_index=True)
     per_item = Examples(
         ids=[examples.ids[i] for i in first], labels=examples.labels[first],
         patients=[examples.patients[i] for i in first],
         given_split=None if examples.given_split is None else [examples.given_split[i] for i in first],
         images=examples.images,
     )
-    return {name: np.flatnonzero(np.isin(examples.item_of, items[idx])) for name, idx in make_splits(spec, per_item).items()}
+    return {name: np.flatnonzero(np.isin(item_of, items[idx])) for name, idx in make_splits(spec, per_item).items()}
 
 
 def _groups(spec: TaskSpec, examples: Examples, subset: np.ndarray | None = None) -> np.ndarray | None:

@@ -18,7 +18,7 @@ def _curve_points(result: dict[str, Any], metric: str) -> list[tuple[int, float,
     for run in result.get("runs", []):
         if run.get("k") is not None:
             by_k.setdefault(int(run["k"]), []).append(run_value(run, metric))
-    points = []
+    points: list[tuple[int, float, float | None, float | None]] = []
     for k, vals in sorted(by_k.items()):
         arr = np.array([v for v in vals if np.isfinite(v)])
         if arr.size == 0:

@@ -153,7 +153,7 @@ def collect(sources: list[str], data_root: Path) -> tuple[list[PretrainItem], li
             raise RetbenchError(f"--data '{source}' is not a task, @group, folder, csdi-reports or captions:FILE.csv")
     if not items:
         raise DataError("no pretraining images")
-    return items, sorted(labels, key=labels.get)
+    return items, sorted(labels, key=labels.__getitem__)
 
 
 def task_items(task: str, data_root: Path, split: str | None = "test") -> list[ImageItem]:

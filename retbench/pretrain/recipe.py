@@ -70,6 +70,8 @@ class Recipe(nn.Module, ABC):
     needs_text: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
     presets: ClassVar[dict[str, Preset]]
+    mean: torch.Tensor  # buffers registered in __init__ (declared for type checkers: Module.__getattr__ is untyped)
+    std: torch.Tensor
 
     def __init__(self, settings: Settings, data: PretrainSet) -> None:
         super().__init__()

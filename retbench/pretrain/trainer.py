@@ -118,7 +118,8 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on biases, norms, tokens and position embeddings."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -66,6 +66,7 @@ class ZeroShot:
         setup = ctx.zero_shot or ZeroShotSetup(ctx.spec.class_prompts())
         prompts = setup.prompts
         classes = class_embeddings(ctx.encode_text, prompts, setup.renormalize, setup.encode_class)
+        assert ctx.joint_features is not None  # zero_shot applies to image-text models only
         img = ctx.joint_features()[test].astype(np.float64)
         img /= np.linalg.norm(img, axis=1, keepdims=True)
         logits = setup.logit_scale * img @ classes.T

@@ -54,10 +54,10 @@ def parse_classes(r: Reader, key: str = "classes", what: str = "class") -> tuple
             item = {"name": item}
         if not isinstance(item, dict):
             raise r.fail(f"{key}[{i}]", f"expected a {what} name or a mapping with name/match/prompts")
-        c = Reader(r.file, item, f"{r.key(key)}[{i}].")
-        c.check_unknown({"name", "match", "prompts"})
-        name = str(c.get("name", (str, int)))
-        out.append(ClassSpec(name, c.strings("match", (name,)), c.strings("prompts", (name,))))
+        entry = Reader(r.file, item, f"{r.key(key)}[{i}].")
+        entry.check_unknown({"name", "match", "prompts"})
+        name = str(entry.get("name", (str, int)))
+        out.append(ClassSpec(name, entry.strings("match", (name,)), entry.strings("prompts", (name,))))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise r.fail(key, f"duplicate {what} names in {names}")

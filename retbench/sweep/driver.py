@@ -121,7 +121,8 @@ def run_sweep(grid: Grid, *, overwrite: bool = False, wait: bool = True, echo: E
     settings = job_settings(grid)
     executor = make_executor(grid)
     echo(f"sweep '{grid.name}': {len(jobs)} jobs ({grid.executor.kind} executor), store {grid.results_root}")
-    submitted, ended, last_message = 0, set(), ""
+    submitted, last_message = 0, ""
+    ended: set[str] = set()
     base: dict[str, int] | None = None  # failures before this run: each run gives a job 1 + retries attempts
     rounds_left = grid.max_attempts * max(1, len(jobs)) + 5  # submission rounds (a guard: each one makes progress)
     while True:

@@ -431,9 +431,10 @@ def job_status(job: Job, sweep: str, results_root: Path, max_attempts: int, lock
                ended_jobs: Collection[str] = ()) -> JobStatus:
     """Classify one job as done, running, queued, failed or pending (see :data:`STATUSES`)."""
     done, stale, missing = result_progress(job, results_root, overwrite)
+    state_path = job_state_path(results_root, sweep, job.key)
     st = JobStatus(job.key, job.model, job.task_name, "pending", done, stale, missing, list(job.not_applicable),
-                   max_attempts=max_attempts, state_path=job_state_path(results_root, sweep, job.key))
-    state = read_json(st.state_path) or {}
+                   max_attempts=max_attempts, state_path=state_path)
+    state = read_json(state_path) or {}
     st.failures = int(state.get("failures", 0))
     st.error = state.get("error")
     if not stale and not missing:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from retbench.errors import RetbenchError
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -32,8 +35,11 @@ def is_vit(module: nn.Module) -> bool:
     return hasattr(module, "patch_embed") and hasattr(module, "pos_embed")
 
 
-def build_vision(settings: Any) -> tuple[nn.Module, dict[str, Any]]:
+def build_vision(settings: Any) -> tuple[Any, dict[str, Any]]:
     """The vision encoder and the config that rebuilds it: ``settings.init`` (``local:DIR``) or the preset's.
+
+    The encoder is a timm model, typed ``Any``: its attributes (``num_features``, ``patch_embed``…) depend on
+    the architecture (``timm.create_model`` is typed as returning a plain ``nn.Module``).
 
     ``settings.init`` ``None``/``""``/``"none"`` builds ``settings.vision`` with random weights. With
     ``local:DIR`` the timm name and arguments come from the folder (the preset's architecture is
@@ -52,7 +58,7 @@ def build_vision(settings: Any) -> tuple[nn.Module, dict[str, Any]]:
     return load_local_vision(init.removeprefix("local:"), settings.image_size)
 
 
-def load_local_vision(folder: str, image_size: int) -> tuple[nn.Module, dict[str, Any]]:
+def load_local_vision(folder: str, image_size: int) -> tuple[Any, dict[str, Any]]:
     """The image encoder of a ``local:`` model folder, at ``image_size`` for ViTs."""
     import timm
 
@@ -64,7 +70,7 @@ def load_local_vision(folder: str, image_size: int) -> tuple[nn.Module, dict[str
     state = {k.removeprefix("visual."): v for k, v in load_checkpoint(cfg.weights_path).items() if k.startswith("visual.")}
     if not state:
         raise RetbenchError(f"{cfg.weights_path}: no visual.* tensors to initialise the vision encoder from")
-    probe = timm.create_model(cfg.timm_name, num_classes=0, **kwargs)
+    probe: Any = timm.create_model(cfg.timm_name, num_classes=0, **kwargs)  # a timm model (see build_vision)
     if is_vit(probe) and tuple(probe.patch_embed.img_size) != (image_size, image_size):
         kwargs["img_size"] = image_size
         model = timm.create_model(cfg.timm_name, num_classes=0, **kwargs)
@@ -75,14 +81,14 @@ def load_local_vision(folder: str, image_size: int) -> tuple[nn.Module, dict[str
     return model, {"timm": cfg.timm_name, "kwargs": kwargs}
 
 
-def _resample_pos_embed(pos: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def _resample_pos_embed(pos: torch.Tensor, model: Any) -> torch.Tensor:
     from timm.layers import resample_abs_pos_embed
 
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     return resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
 
 
-def vision_tokens_and_pooled(vision: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_tokens_and_pooled(vision: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of a timm model: its token sequence (B, N, D) (CNN maps flattened) and its pooled feature (B, D)."""
     feats = vision.forward_features(x)
     pooled = vision.forward_head(feats, pre_logits=True)
@@ -123,7 +129,9 @@ class LayerInputs:
     """Context manager recording the input hidden states of one transformer block at each forward call."""
 
     def __init__(self, layer: nn.Module) -> None:
-        self.layer, self.seen, self.handle = layer, [], None
+        self.layer = layer
+        self.seen: list[torch.Tensor] = []
+        self.handle: RemovableHandle | None = None
 
     def __enter__(self) -> LayerInputs:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

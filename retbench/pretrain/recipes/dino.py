@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +72,15 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     """
     targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1).detach() for t in teacher]
     log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
-    total, terms = 0.0, 0
+    total: torch.Tensor | float = 0.0
+    terms = 0
     for i, p in enumerate(targets):
         for j, log_q in enumerate(log_probs):
             if j == i:
                 continue
             total = total + (-(p * log_q).sum(-1)).mean()
             terms += 1
-    return total / terms
+    return cast(torch.Tensor, total / terms)  # a tensor: there are at least two views, so at least one term
 
 
 def updated_center(center: torch.Tensor, teacher: list[torch.Tensor], momentum: float = 0.9) -> torch.Tensor:
@@ -137,11 +138,15 @@ class DINO(Recipe):
                              "center_momentum": 0.9, "momentum": 0.996, "freeze_last_steps": 200}),
     }
 
+    teacher_center: torch.Tensor  # buffers registered in __init__
+    steps_done: torch.Tensor
+
     def __init__(self, settings: Any, data: Any) -> None:
         super().__init__(settings, data)
         import timm
 
         name, kwargs = settings.vision["timm"], dict(settings.vision.get("kwargs", {}))
+        probe: Any  # a timm model: typed Any, as timm.create_model returns a plain nn.Module
         try:  # ViTs: interpolate the position embeddings, since local crops are smaller than the global grid
             probe = timm.create_model(name, num_classes=0, **{"dynamic_img_size": True, **kwargs})
             kwargs = {"dynamic_img_size": True, **kwargs}

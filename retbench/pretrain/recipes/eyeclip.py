@@ -57,9 +57,14 @@ WEIGHTS = {"itc": 0.75, "iic": 0.75, "mae": 1.0}
 
 
 class MaskedReconstruction(nn.Module):
-    """MAE decoder for a timm ViT: encode a random 25% of the patches, predict the pixels of the others."""
+    """MAE decoder for a timm ViT: encode a random 25% of the patches, predict the pixels of the others.
 
-    def __init__(self, encoder: nn.Module, image_size: int, dim: int, depth: int, heads: int, mask_ratio: float) -> None:
+    ``encoder`` is that ViT, typed ``Any``: its attributes (``patch_embed``, ``blocks``…) are the architecture's own.
+    """
+
+    pos: torch.Tensor  # a buffer registered in __init__
+
+    def __init__(self, encoder: Any, image_size: int, dim: int, depth: int, heads: int, mask_ratio: float) -> None:
         super().__init__()
         if not is_vit(encoder):
             raise RetbenchError("eyeclip's masked reconstruction needs a ViT image encoder (patch_embed + pos_embed)")
@@ -74,7 +79,7 @@ class MaskedReconstruction(nn.Module):
         self.pred = nn.Linear(dim, self.patch * self.patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def encode_visible(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_visible(self, encoder: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The encoder on the kept patches (+ class token); the mask (1 = hidden) and the order restoring shuffle."""
         tokens = encoder.patch_embed(x) + encoder.pos_embed[:, encoder.num_prefix_tokens:]
         b, n, d = tokens.shape
@@ -90,7 +95,7 @@ class MaskedReconstruction(nn.Module):
         mask[:, :keep] = 0
         return encoder.norm(h), torch.gather(mask, 1, restore), restore
 
-    def loss(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, encoder: Any, x: torch.Tensor) -> torch.Tensor:
         """Mean squared error on the masked patches of per-patch-normalised (ImageNet-standardised) pixels."""
         h, mask, restore = self.encode_visible(encoder, x)
         h = self.embed(h)
@@ -181,10 +186,10 @@ class EyeCLIP(Recipe):
         x = flip(random_resized_crop(self.pixels(indices), self.settings.image_size, scale=(0.2, 1.0)))
         parts = {"mae": self.reconstruction.loss(self.vision, self.normalize(x))}
         scale = self.joint.scale()
-        texts = sample_texts(self.data.items, indices)
-        keep = [k for k, t in enumerate(texts) if t is not None]
+        sampled = sample_texts(self.data.items, indices)
+        keep = [k for k, t in enumerate(sampled) if t is not None]
         if keep:
-            texts = [texts[k] for k in keep]
+            texts = [t for t in sampled if t is not None]
             img = self.embed_images(indices[keep])
             txt = self.joint.text(embed_texts(self.text, texts, self.max_tokens))
             parts["itc"] = keyed_contrastive_loss(img, txt, scale, texts)

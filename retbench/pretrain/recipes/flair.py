@@ -86,7 +86,7 @@ class Flair(Recipe):
         x = color_jitter(flip(x), strength=0.2, p=0.25, grey_p=0.0)
         return self.normalize(x)
 
-    def category_keys(self, indices: torch.Tensor, texts: list[str | None]) -> list[str]:
+    def category_keys(self, indices: torch.Tensor, texts: list[str]) -> list[str]:
         """Per image, what decides positives: its class name, or its own text when it has no label."""
         keys = []
         for i, t in zip(indices.tolist(), texts):
@@ -96,12 +96,12 @@ class Flair(Recipe):
 
     def training_loss(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Label-aware contrastive loss on one sampled description per image."""
-        texts = sample_texts(self.data.items, indices, self.data.label_names, self.caption, add_class_name=True)
-        keep = [k for k, t in enumerate(texts) if t is not None]
+        sampled = sample_texts(self.data.items, indices, self.data.label_names, self.caption, add_class_name=True)
+        keep = [k for k, t in enumerate(sampled) if t is not None]
         if len(keep) < 2:  # nothing to contrast in this batch (e.g. only unlabelled folder images)
             return {"loss": self.joint.logit_scale * 0.0}
         indices = indices[keep]
-        texts = [texts[k] for k in keep]
+        texts = [t for t in sampled if t is not None]
         feats = self.vision(self.augment(self.pixels(indices)))
         img = self.joint.image(feats)
         txt = self.joint.text(embed_texts(self.text, texts, self.max_tokens))

@@ -66,6 +66,9 @@ class MAE(Recipe):
                              "norm_pix_loss": True}),
     }
 
+    encoder: Any  # a timm ViT: typed Any, as timm.create_model returns a plain nn.Module
+    decoder_pos: torch.Tensor  # a buffer registered in __init__
+
     def __init__(self, settings: Any, data: Any) -> None:
         super().__init__(settings, data)
         import timm

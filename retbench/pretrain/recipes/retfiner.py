@@ -135,6 +135,9 @@ class RetFiner(Recipe):
                              "weights": WEIGHTS, "text_trainable_layers": None, "corpus_vocab": False}),
     }
 
+    vocab_ids: torch.Tensor  # buffers registered in __init__
+    vocab_pos: torch.Tensor
+
     def __init__(self, settings: Any, data: Any) -> None:
         super().__init__(settings, data)
         from transformers.models.bert.modeling_bert import BertAttention
@@ -175,6 +178,7 @@ class RetFiner(Recipe):
         layers = text_layers(self.text)
         mask = self_attention_mask(key_mask, causal, self.text.encoder.config._attn_implementation)
         first_cross = self.n_layers - self.fusion_layers
+        layer: Any  # a transformers BertLayer (a ModuleList's items are typed Module)
         for i in range(start, self.n_layers):
             layer = layers[i]
             a, _ = layer.attention(h, mask)
@@ -225,11 +229,11 @@ class RetFiner(Recipe):
 
     def objectives(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The four losses (ITC, ITM, MLM, GM) on the batch's image-text pairs; empty without any pair."""
-        texts = sample_texts(self.data.items, indices)
-        keep = [k for k, t in enumerate(texts) if t is not None]
+        sampled = sample_texts(self.data.items, indices)
+        keep = [k for k, t in enumerate(sampled) if t is not None]
         if not keep:
             return {}
-        indices, texts = indices[keep], [texts[k] for k in keep]
+        indices, texts = indices[keep], [t for t in sampled if t is not None]
         tokens, pooled = vision_tokens_and_pooled(self.vision, self.augment(self.pixels(indices)))
         batch = tokenize(self.text, texts, self.max_tokens)
         with LayerInputs(text_layers(self.text)[self.n_layers - self.fusion_layers]) as seen:

@@ -96,6 +96,8 @@ class SimCLR(Recipe):
                              "blur_p": 0.5}),
     }
 
+    encoder: Any  # a timm model: typed Any, as timm.create_model returns a plain nn.Module
+
     def __init__(self, settings: Any, data: Any) -> None:
         super().__init__(settings, data)
         import timm
