@@ -130,7 +130,7 @@ def read_state_dict(path: str | Path, key: str | None) -> dict[str, torch.Tensor
     return out
 
 
-def interpolate_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+def interpolate_pos_embed(model: Any, state: dict[str, torch.Tensor]) -> bool:
     """RETFound's ``interpolate_pos_embed``: resize the checkpoint's patch grid to the model's, in place.
 
     The extra (class) tokens are kept as they are; the square grid of patch positions is resized
@@ -203,6 +203,8 @@ class MaeVitAdapter(Adapter):
     ``None`` for a flat state dict), ``feature`` (a key of :data:`FEATURES`) and optionally
     ``drop_prefixes`` (key prefixes the release deletes before loading).
     """
+
+    model: Any  # a timm ViT: typed Any, its attributes are the architecture's own (build_vit returns nn.Module)
 
     def build(self) -> None:
         """Build the encoder: seeded random init, or the tag's checkpoint loaded the official way."""

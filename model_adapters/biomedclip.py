@@ -115,6 +115,7 @@ def check_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], pat
 class BiomedClipAdapter(Adapter):
     """BiomedCLIP via open_clip's CustomTextCLIP."""
 
+    model: Any  # open_clip's CustomTextCLIP: typed Any (build_biomedclip returns nn.Module)
     family = "biomedclip"
     # fp32: open_clip create_model_from_pretrained(precision='fp32' by default), no autocast in the model card
     autocast_dtype: ClassVar[torch.dtype | None] = None

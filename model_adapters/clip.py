@@ -286,6 +286,7 @@ class OpenClipModelAdapter(Adapter):
     accept (:meth:`checkpoint_names`); they may rewrite the raw state dict (:meth:`prepare_state`).
     """
 
+    model: Any  # an open_clip CLIP: typed Any, its attributes are the architecture's own (create_open_clip returns nn.Module)
     has_text: ClassVar[bool] = True
 
     def arch(self) -> tuple[str, dict[str, Any]]:

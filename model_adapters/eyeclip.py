@@ -38,7 +38,7 @@ one prompt per class, L2-normalised image and text embeddings, logits ``100 · i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from retbench.model_adapters.clip import CLIP_PREPROCESS, OpenClipModelAdapter
@@ -57,7 +57,7 @@ EYECLIP_PAPER = ("Shi et al., A multimodal visual-language foundation model for 
 FT_PREPROCESS = Preprocess(size=224, resize="resize_crop", interpolation="bicubic", crop_pct=224 / 256,
                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _FEATURE = "model.visual(x): ln_post(CLS) @ proj, 512-d unnormalised (MAE decoder dropped)"
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     licence="unspecified (no LICENSE file in Michi-3000/EyeCLIP; research use assumed)", paper=EYECLIP_PAPER,
     feature=_FEATURE, filename=EYECLIP_FILE, url=EYECLIP_URL, code=EYECLIP_CODE,
     options={"arch": "ViT-B-32", "quick_gelu": True},

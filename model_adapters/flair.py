@@ -188,7 +188,7 @@ DIFFERS = (
     "2025-04; its published numbers cropped MESSIDOR only). Texts outside zero-shot are embedded one at a time "
     "(no padding); FLAIR pads each call's texts together."
 )
-COMMON = {
+COMMON: dict[str, Any] = {
     "licence": "Apache-2.0 (code and weights)",
     "paper": "Silva-Rodriguez et al., Medical Image Analysis 99:103357, 2025 (arXiv:2308.07898)",
     "filename": "model.safetensors", "hub_id": "jusiro2/FLAIR", "url": "https://huggingface.co/jusiro2/FLAIR",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from retbench.model_adapters.clip import CLIP_PREPROCESS
@@ -43,6 +43,9 @@ from retbench.model_adapters.clip import CLIP_PREPROCESS
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
 from retbench.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextConfig
 
 HF_CODE = "huggingface/transformers src/transformers/models/clip/{modeling_clip.py,image_processing_clip.py}"
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -84,7 +87,7 @@ def processor_preprocess(cfg: dict[str, Any]) -> Preprocess:
     if isinstance(size, int):  # old configs: an int is the shortest edge
         size = {"shortest_edge": size}
     crop = _pair(cfg.get("crop_size", 224), "crop_size") if cfg.get("do_center_crop", True) else None
-    common = {"interpolation": _PIL_RESAMPLE[resample], "mean": mean, "std": std}
+    common: dict[str, Any] = {"interpolation": _PIL_RESAMPLE[resample], "mean": mean, "std": std}
     if "shortest_edge" in size:
         short = int(size["shortest_edge"])
         if crop is None:
@@ -266,8 +269,10 @@ class HfClipAdapter(Adapter):
         else:
             folder = self._folder()
             try:
-                self.model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
-                                                             dtype=torch.float32)
+                # with output_loading_info=True it returns (model, info); transformers' hints give only the model
+                loaded: tuple[CLIPModel, dict[str, Any]] = CLIPModel.from_pretrained(  # type: ignore[assignment]
+                    str(folder), local_files_only=True, output_loading_info=True, dtype=torch.float32)
+                self.model, info = loaded
             except (OSError, ValueError) as exc:
                 raise RetbenchError(f"model '{self.name}': cannot load a CLIPModel from {folder}: "
                                     f"{str(exc).splitlines()[0]}") from None
@@ -280,7 +285,7 @@ class HfClipAdapter(Adapter):
             if processor.is_file():
                 self.preprocess = processor_preprocess(json.loads(processor.read_text(encoding="utf-8")))
         self.model.eval().to(self.device)
-        text_cfg = self.model.config.text_config
+        text_cfg = cast("CLIPTextConfig", self.model.config.text_config)  # CLIPConfig makes one from a dict or None
         self.context = int(text_cfg.max_position_embeddings)
         self.tokenizer = self._tokenizer_from(folder) or _OpenClipTokens(self.context, int(text_cfg.vocab_size))
 

@@ -20,7 +20,7 @@ are retbench's own (no external release to follow).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from retbench.local_model_format import CODE_ID, WEIGHTS_FILE, LocalFormatError,
 
 if TYPE_CHECKING:
     from retbench.spec import TaskSpec
+    from retbench.text_towers import Pooling, TextTower
 
 USAGE = "local:PATH names a folder written by retbench's trainers (retbench_model.json + model.safetensors)"
 
@@ -39,6 +40,7 @@ USAGE = "local:PATH names a folder written by retbench's trainers (retbench_mode
 class LocalAdapter(Adapter):
     """A model in retbench's own on-disk format."""
 
+    visual: Any  # a timm model: typed Any, its attributes are the architecture's own (create_model returns nn.Module)
     family = "local"
     # bf16 autocast: retbench's trainers (retbench/pretrain/trainer.py) train these models under bf16 autocast
     autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
@@ -80,7 +82,7 @@ class LocalAdapter(Adapter):
 
         self.config: LocalModelConfig = read_local_config(self.tag.options["folder"])
         cfg = self.config
-        self.has_text = cfg.text is not None
+        self.has_text = cfg.text is not None  # type: ignore[misc]  # per model: deliberately shadows the ClassVar
         rng = torch.random.get_rng_state()
         torch.manual_seed(0)
         try:
@@ -95,7 +97,8 @@ class LocalAdapter(Adapter):
                 from retbench.text_towers import text_tower_from_files
 
                 t = cfg.text
-                self.text = text_tower_from_files(cfg.folder / t.files, t.tower, pooling=t.pooling, normalize=t.normalize,
+                self.text = text_tower_from_files(cfg.folder / t.files, t.tower, normalize=t.normalize,
+                                                  pooling=cast("Pooling", t.pooling),  # read_local_config checked it
                                                   max_length=t.max_length)
                 self.text_proj = self._projection(cfg.text_proj_bias, self.text.dim, "text_proj")
                 modules["text"] = self.text
@@ -120,7 +123,8 @@ class LocalAdapter(Adapter):
 
     def _check_joint_widths(self) -> None:
         image = self.visual_proj.out_features if self.visual_proj is not None else self.visual.num_features
-        text = self.text_proj.out_features if self.text_proj is not None else self.text.dim
+        # called once the text tower is built
+        text = self.text_proj.out_features if self.text_proj is not None else cast("TextTower", self.text).dim
         if image != text:
             raise LocalFormatError(self.config.config_path, "embed_dim",
                                    f"image ({image}-d) and text ({text}-d) embeddings differ; add projections")

@@ -37,7 +37,7 @@ from retbench.model_adapters.clip import OPEN_CLIP_BIN, OPEN_CLIP_SAFETENSORS, O
 
 from retbench.adapters import WeightsTag, register_adapter
 from retbench.errors import RetbenchError
-from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocess
+from retbench.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Interpolation, Preprocess
 
 OPEN_CLIP_CODE = "mlfoundations/open_clip src/open_clip/{factory.py,pretrained.py,transform.py}"
 
@@ -67,7 +67,7 @@ def open_clip_preprocess(arch: str, pretrained_cfg: dict[str, Any]) -> Preproces
     mode = pretrained_cfg.get("resize_mode", "shortest")
     if mode not in ("shortest", "squash"):
         raise RetbenchError(f"open_clip resize_mode '{mode}' of {arch} has no retbench equivalent")
-    interp = "bilinear" if pretrained_cfg.get("interpolation") == "bilinear" else "bicubic"  # open_clip's own rule
+    interp: Interpolation = "bilinear" if pretrained_cfg.get("interpolation") == "bilinear" else "bicubic"  # open_clip's own rule
     return Preprocess(
         size=size, resize="squash" if mode == "squash" else "resize_crop", interpolation=interp, crop_pct=1.0,
         mean=tuple(pretrained_cfg.get("mean", OPENAI_CLIP_MEAN)), std=tuple(pretrained_cfg.get("std", OPENAI_CLIP_STD)),

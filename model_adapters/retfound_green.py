@@ -54,7 +54,7 @@ SIZE = 392
 URL = "https://github.com/justinengelmann/RETFound_Green/releases/download/v0.1/retfoundgreen_statedict.pth"
 PRE = Preprocess(size=SIZE, resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                  fundus_crop="none")
-COMMON = {
+COMMON: dict[str, Any] = {
     "licence": "Justin's Custom Non-Commercial Research Licence (CNCRL; non-commercial research only)",
     "paper": "Engelmann & Bernabeu, Nature Communications 16, 2025 (doi:10.1038/s41467-025-62123-z)",
     "filename": "retfoundgreen_statedict.pth",
@@ -113,6 +113,7 @@ class GreenPreprocess(Preprocess):
 class RetfoundGreenAdapter(Adapter):
     """RETFound-Green: timm ViT-S/14-reg4 at 392 px; mean-pooled tokens after the final norm."""
 
+    model: Any  # a timm ViT: typed Any, its attributes are the architecture's own (create_model returns nn.Module)
     family = "retfound_green"
     # fp32: the README's usage and the evaluation notebooks use no autocast
     autocast_dtype: ClassVar[torch.dtype | None] = None

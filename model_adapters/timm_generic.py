@@ -10,14 +10,16 @@ matches the weights. Features: timm's pooled pre-logits (``num_classes=0``).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 
 from retbench.adapters import Adapter, WeightsTag, register_adapter
 from retbench.errors import RetbenchError
-from retbench.preprocess import Preprocess
+from retbench.preprocess import Interpolation, Preprocess
 from retbench.weights import load_state_dict
+
+RGB = tuple[float, float, float]  # a per-channel mean or std
 
 
 def timm_preprocess(name: str) -> Preprocess:
@@ -29,9 +31,9 @@ def timm_preprocess(name: str) -> Preprocess:
         return Preprocess()
     size = cfg.input_size[-1]
     return Preprocess(
-        size=size, resize="resize_crop", interpolation=cfg.interpolation if cfg.interpolation in (
+        size=size, resize="resize_crop", interpolation=cast(Interpolation, cfg.interpolation) if cfg.interpolation in (
             "bicubic", "bilinear", "nearest") else "bicubic",
-        crop_pct=cfg.crop_pct or 1.0, mean=tuple(cfg.mean), std=tuple(cfg.std),
+        crop_pct=cfg.crop_pct or 1.0, mean=cast(RGB, tuple(cfg.mean)), std=cast(RGB, tuple(cfg.std)),  # 3 channels: RGB models
     )
 
 

@@ -34,7 +34,7 @@ What is reproduced, and where each convention comes from (all in github.com/ABIL
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from retbench.model_adapters._mae_vit import interpolate_pos_embed
@@ -76,6 +76,7 @@ def _tag(name: str, modality: str, drive_id: str, description: str) -> WeightsTa
 class VisionFMAdapter(Adapter):
     """A VisionFM modality encoder; the probe feature is its classification decoder's input."""
 
+    model: Any  # a timm ViT: typed Any, its attributes are the architecture's own (create_model returns nn.Module)
     family = "visionfm"
     # fp32: VisionFM's evaluation/extract_features.py and train_cls_decoder.py use no autocast
     autocast_dtype: ClassVar[torch.dtype | None] = None
