@@ -389,10 +389,10 @@ def _prediction_interval(runs: list[Run], primary: str, resampling: Resampling) 
 
     def interval(name: str) -> rs.Interval | None:
         metric = METRICS.get(name)
-        if any(p is None for p in predictions) or metric.per_class or (metric.weighted is None and name != primary):
+        present = [p for p in predictions if p is not None]
+        if len(present) < len(predictions) or metric.per_class or (metric.weighted is None and name != primary):
             return None
-        return rs.bootstrap(metric, predictions, resampling.cluster_of, resampling.unit,  # type: ignore[arg-type]
-                            seed=resampling.seed)
+        return rs.bootstrap(metric, present, resampling.cluster_of, resampling.unit, seed=resampling.seed)
 
     return interval
 

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -195,7 +195,8 @@ def class_predictions(result: dict[str, Any], runs: list[dict[str, Any]],
     if kind == "retrieval" or (kind == "vqa" and "/" in metric):
         return None
     preds = [rs.predictions_of(r) for r in runs]
-    return None if not preds or any(p is None for p in preds) else preds  # type: ignore[return-value]
+    present = [p for p in preds if p is not None]
+    return None if not preds or len(present) < len(preds) else present
 
 
 def make_cell(result: dict[str, Any], metric: str, runs: list[dict[str, Any]], resamples: int) -> Cell:
@@ -224,9 +225,9 @@ def make_cell(result: dict[str, Any], metric: str, runs: list[dict[str, Any]], r
 
 def _mean_cell(model: str, cells: list[Cell]) -> Cell:
     mean = float(np.mean([c.mean for c in cells]))
-    intervals = [c.interval for c in cells]
-    if all(i is not None for i in intervals):
-        _, low, high, se = rs.mean_of_intervals(intervals)  # type: ignore[arg-type]
+    intervals = [c.interval for c in cells if c.interval is not None]
+    if len(intervals) == len(cells):
+        _, low, high, se = rs.mean_of_intervals(intervals)
         return Cell(model, MEAN, "", None, mean, low, high, se, len(cells), "bootstrap")
     return Cell(model, MEAN, "", None, mean, None, None, None, len(cells), "none")
 
@@ -258,9 +259,9 @@ def build_board(protocol: str, results: dict[tuple[str, str], dict[str, Any]], m
         cells[(model, task)] = make_cell(result, name, headline_runs(result), resamples)
     models = sorted({m for m, _ in results})
     for model in models:
-        row = [cells.get((model, t)) for t in tasks]
-        if all(c is not None and np.isfinite(c.mean) for c in row):
-            cells[(model, MEAN)] = _mean_cell(model, row)  # type: ignore[arg-type]
+        row = [c for t in tasks if (c := cells.get((model, t))) is not None and np.isfinite(c.mean)]
+        if len(row) == len(tasks):
+            cells[(model, MEAN)] = _mean_cell(model, row)
     versions = sorted({(t, str(r["task"]["version"])) for (_, t), r in results.items()})
     board = Board(protocol, tasks, models, metric_of, k_of, higher, cells, [m for m in baselines if m in models],
                   list(baselines), {}, {}, [], correction, resamples, results, versions, classes, metric)
@@ -345,7 +346,7 @@ def _task_test(board: Board, model: str, ref: str, task: str) -> tuple[str, int,
                                        seed=seed)
         except ValueError:
             return "", 0, float("nan"), ""
-        return "bootstrap", boot.n_clusters, float(boot.p_value), unit  # type: ignore[arg-type]
+        return "bootstrap", boot.n_clusters, float(cast(float, boot.p_value)), unit  # paired: p_value is always set
     xs, ys, hs = _pairs(board, model, ref, [task])  # retrieval / VQA: stored runs only
     if len(xs) >= 2:
         return "wilcoxon", len(xs), stats.wilcoxon_test(xs, ys, hs).p_value, "run"

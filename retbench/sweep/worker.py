@@ -66,6 +66,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         return {"job": self.job, "settings": self.settings, "overwrite": self.overwrite}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # re-running __init__ on an unpickled instance is deliberate (mypy calls __init__ on an instance unsound)
         self.__init__(state["job"], state["settings"], state.get("overwrite"))  # type: ignore[misc]
 
     @property
