@@ -67,7 +67,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     specs = [get_task(name) for name in resolve_tasks(list(csv_list(args.task)))]
     if args.data_command == "prepare":
         prepare(specs, root, [Path(p).expanduser() for p in args.sources], mode=args.mode,
-                manifest_file=manifest_file, echo=lambda line: out.print(line, highlight=False, markup=False))
+                manifest_file=manifest_file, echo=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))
         return 0
     if not root.is_dir():
         raise RetbenchError(f"data root does not exist or is not a folder: {root}")
@@ -75,7 +75,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     for spec in specs:
         result = check_task(spec, root, manifest_of(spec, manifest_file), verify_images=not args.no_decode)
         for problem in result.problems:
-            out.print(problem.line(spec.name), highlight=False, markup=False)
-        (err if result.problems else out).print(result.summary(), highlight=False, markup=False)
+            out.print(problem.line(spec.name), highlight=False, markup=False, soft_wrap=True)
+        (err if result.problems else out).print(result.summary(), highlight=False, markup=False, soft_wrap=True)
         bad += bool(result.problems)
     return 1 if bad else 0

@@ -85,10 +85,16 @@ def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bo
             problems.append(Problem("missing", rel, what))
         else:
             present.append(rel)
+    recorded = read_checksums(checksum_file(root, spec.name))
+    tables = {os.path.normpath(t) for t in (list(spec.source.files.values()) or [spec.source.path])}
+    known = set(listed)
+    for rel in sorted((set(recorded) | set(manifest.sha256)) - known - tables):
+        if not (root / rel).exists():  # a folder task lists only what is there: the records name what was
+            source = "recorded at prepare" if rel in recorded else "listed in the manifest"
+            problems.append(Problem("missing", rel, f"{source}, not there any more"))
     _counts(spec, manifest, examples, len(listed), problems)
     _extra(spec, root, manifest, set(listed), problems)
 
-    recorded = read_checksums(checksum_file(root, spec.name))
     digests: dict[str, str] = {}
     with progress_bar(f"check {spec.name}", len(present)) as advance:
         for rel in present:

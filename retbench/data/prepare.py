@@ -41,6 +41,10 @@ from retbench.spec import TaskSpec
 MODES = ("link", "symlink", "copy")
 
 
+class NothingFoundError(DataError):
+    """A task none of whose files is in the sources (skipped, not fatal, when a group is prepared)."""
+
+
 @dataclass
 class Placement:
     """One file to place: its data-root-relative target and the member it comes from."""
@@ -172,7 +176,7 @@ def plan_csv(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, p
         if found:
             pending_tables.append(Placement(rel, _one(sources, rel, found)))
         elif not (root / rel).is_file():
-            raise DataError(f"task '{spec.name}' needs its partition CSV '{PurePosixPath(rel).name}' (at "
+            raise NothingFoundError(f"task '{spec.name}' needs its partition CSV '{PurePosixPath(rel).name}' (at "
                             f"<data_root>/{rel}): pass --from the folder or zip that holds it"
                             + (f" ({manifest.accepts})" if manifest.accepts else ""))
     # the image list comes from the CSV: read it from the source when it is not yet under the data root
@@ -212,6 +216,10 @@ def plan_csv(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, p
             plan.used.add(member)
         elif not (root / target).exists():
             plan.missing.append(target)
+    if len(plan.missing) == len(targets):
+        raise NothingFoundError(f"task '{spec.name}': none of its {len(targets)} images (e.g. {PurePosixPath(targets[0]).name})"
+                           f" is in {', '.join(map(str, sources.paths))}"
+                           + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
 
 
 def plan_folder(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, plan: Plan) -> None:
@@ -231,7 +239,7 @@ def plan_folder(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest
             by_target[f"{spec.source.path}/{parts[-2]}/{parts[-1]}"].append(m)
     if not by_target:
         hint = _release_hint(sources)
-        raise DataError(f"task '{spec.name}': none of the {len(sources.members)} files in "
+        raise NothingFoundError(f"task '{spec.name}': none of the {len(sources.members)} files in "
                         f"{', '.join(map(str, sources.paths))} fits its layout {spec.source.layout or spec.source.path}"
                         + (f"; {hint}" if hint else "") + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
     for target, members in sorted(by_target.items()):
@@ -369,7 +377,16 @@ def prepare(specs: list[TaskSpec], root: Path, paths: list[Path], mode: str = "l
         plans = []
         for spec in specs:
             manifest = manifest_of(spec, manifest_file)
-            plans.append((spec, manifest, plan_task(spec, root, sources, manifest)))
+            try:
+                plan = plan_task(spec, root, sources, manifest)
+            except NothingFoundError as exc:
+                if len(specs) == 1:
+                    raise
+                echo(f"{spec.name}: skipped: {exc}")
+                continue
+            plans.append((spec, manifest, plan))
+        if not plans:
+            raise DataError(f"none of the {len(specs)} tasks has a file in the sources: nothing was written")
         used = set().union(*(plan.used for _, _, plan in plans))
         for path, members in sources.by_source.items():
             if not any(m in used for m in members):
