@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import io
 import os
 import tarfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,8 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _flair_release(tmp: Path, task: str, per_class: int, folder_of) -> tuple[list[Path], dict]:
+def _flair_release(tmp: Path, task: str, per_class: int,
+                   folder_of: Callable[[str], tuple[str, str]]) -> tuple[list[Path], dict]:
     """A miniature FLAIR repository zip with the trimmed CSV, and the images' archive(s); plus the test manifest."""
     spec = get_task(task)
     header, rows = _flair_rows(task, per_class)
@@ -396,3 +399,58 @@ def test_check_reports_a_missing_listed_file_of_a_csv_task(tmp_path: Path, capsy
     assert _cli("data", "check", "refuge", "--data-root", root, "--manifest", mini) == 1
     out = capsys.readouterr().out
     assert f"refuge: missing: {victim.relative_to(root)}: not there" in out
+
+
+# --- groups, content matching, checksums ---
+
+
+def test_group_prepare_skips_tasks_with_no_files_given(tmp_path: Path, capsys) -> None:
+    sources, _ = _release(tmp_path, "refuge")
+    froms = [a for s in sources for a in ("--from", s)]
+    assert _cli("data", "prepare", "@flair", *froms, "--data-root", tmp_path / "root") == 0
+    out = capsys.readouterr().out
+    assert "refuge: " in out and " placed (" in out
+    assert "messidor: skipped: task 'messidor' needs its partition CSV '02_MESSIDOR.csv'" in out
+
+
+def test_renamed_image_is_found_by_the_manifest_checksum(tmp_path: Path) -> None:
+    sources, manifest = _release(tmp_path, "refuge")
+    with zipfile.ZipFile(sources[1]) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    name = sorted(members)[0]
+    data = members.pop(name)
+    members["renamed_in_a_later_release.jpg"] = data  # the same image under another name
+    _zip(sources[1], members)
+    target = f"25_REFUGE/train/Images/{Path(name).name}"
+    manifest["sha256"] = {target: hashlib.sha256(data).hexdigest()}
+    mini = tmp_path / "mini.yaml"
+    mini.write_text(yaml.safe_dump({"manifest": manifest}))
+    root = tmp_path / "root"
+    prepare([get_task("refuge")], root, sources, manifest_file=mini, echo=lambda s: None)
+    assert (root / target).read_bytes() == data
+
+
+def test_a_later_prepare_refuses_content_differing_from_the_recorded_checksum(tmp_path: Path) -> None:
+    sources, _ = _release(tmp_path, "octid")
+    root = tmp_path / "root"
+    prepare([get_task("octid")], root, sources, echo=lambda s: None)
+    assert (root / ".retbench" / "checksums" / "octid.sha256").is_file()
+    victim = sorted((root / "OCTID" / "test" / "CSR").iterdir())[0]
+    victim.unlink()  # deleted by hand; the source now holds another image under its name
+    with zipfile.ZipFile(sources[0]) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[f"OCTID/test/CSR/{victim.name}"] = _real_images(".jpeg")[-1].read_bytes()
+    _zip(sources[0], members)
+    with pytest.raises(DataError, match=f"OCTID/test/CSR/{victim.name}: sha256 .* differs from the sha256 recorded"):
+        prepare([get_task("octid")], root, sources, echo=lambda s: None)
+    assert not victim.exists() and not list(root.rglob("*.tmp"))
+
+
+def test_archive_with_a_wrong_release_checksum_is_refused(tmp_path: Path) -> None:
+    sources, manifest = _release(tmp_path, "octid")
+    manifest["archives"] = {sources[0].name: "0" * 64}
+    mini = tmp_path / "mini.yaml"
+    mini.write_text(yaml.safe_dump({"manifest": manifest}))
+    with pytest.raises(DataError, match=f"{sources[0]}: sha256 .* is not the release's"):
+        prepare([get_task("octid")], tmp_path / "root", sources, manifest_file=mini)
+    assert _no_files(tmp_path / "root")

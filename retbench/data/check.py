@@ -20,7 +20,7 @@ from retbench.data.archives import file_sha256
 from retbench.data.manifest import Manifest, checksum_file, read_checksums
 from retbench.data.reading import IMAGE_SUFFIXES
 from retbench.data.sources import SOURCES
-from retbench.errors import RetbenchError
+from retbench.errors import DataError, RetbenchError
 from retbench.progress import progress_bar
 from retbench.spec import TaskSpec
 
@@ -61,6 +61,9 @@ class CheckResult:
 
 def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bool = True) -> CheckResult:
     """Check ``spec``'s prepared files under ``root`` against ``manifest`` (and the checksums prepare recorded)."""
+    if spec.kind != "classification" or spec.source.kind not in ("csv", "folder"):
+        raise DataError(f"task '{spec.name}': check covers classification tasks with csv or folder sources (this "
+                        f"one: kind {spec.kind}, source {spec.source.kind}); `retbench run` checks the others on load")
     result = CheckResult(spec.name)
     problems = result.problems
     try:

@@ -387,6 +387,8 @@ def prepare(specs: list[TaskSpec], root: Path, paths: list[Path], mode: str = "l
             plans.append((spec, manifest, plan))
         if not plans:
             raise DataError(f"none of the {len(specs)} tasks has a file in the sources: nothing was written")
+        for _, manifest, _ in plans:
+            _check_archives(sources, manifest)
         used = set().union(*(plan.used for _, _, plan in plans))
         for path, members in sources.by_source.items():
             if not any(m in used for m in members):
@@ -405,6 +407,15 @@ def prepare(specs: list[TaskSpec], root: Path, paths: list[Path], mode: str = "l
         return reports
     finally:
         sources.close()
+
+
+def _check_archives(sources: Sources, manifest: Manifest) -> None:
+    """Each ``--from`` archive that the manifest knows by name must have the release's sha256."""
+    for path in sources.paths:
+        want = manifest.archives.get(path.name)
+        if want and path.is_file() and (have := file_sha256(path)) != want:
+            raise DataError(f"{path}: sha256 {have[:12]}... is not the release's ({want[:12]}..., {manifest.origin}): "
+                            "a partial or different download; download it again")
 
 
 def _execute(spec: TaskSpec, manifest: Manifest, plan: Plan, root: Path, sources: Sources, mode: str) -> Report:
