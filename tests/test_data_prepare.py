@@ -377,10 +377,13 @@ def test_check_reports_each_kind_of_problem(tmp_path: Path, capsys) -> None:
     (base / "val" / "ANormal" / "stray.png").write_bytes(b"x")  # an image the task reads: unreadable
     test[0].unlink()
     test[0].write_bytes(train[1].read_bytes())  # checksum mismatch and a duplicate across splits
+    (base / "val" / "fnoclass").mkdir()
+    (base / "val" / "fnoclass" / "x.jpeg").write_bytes(train[2].read_bytes())  # extra: a folder of no class
     assert _cli("data", "check", "octid", "--data-root", root, "--manifest", mini) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     kinds = Counter(line.split(": ")[1] for line in lines)
-    assert kinds["checksum"] == 1 and kinds["duplicate"] == 1 and kinds["extra"] == 1 and kinds["unreadable"] == 1
+    assert kinds["checksum"] == 1 and kinds["duplicate"] == 1 and kinds["extra"] == 2 and kinds["unreadable"] == 1
+    assert any("fnoclass/x.jpeg: an image the task does not list" in line for line in lines)
     assert kinds["count"] >= 1 and kinds["missing"] == 1
     assert any(f"{train[0].relative_to(root)}: recorded at prepare, not there any more" in line for line in lines)
     assert any("notes.docx" in line and ": extra: " in line for line in lines)
@@ -454,3 +457,16 @@ def test_archive_with_a_wrong_release_checksum_is_refused(tmp_path: Path) -> Non
     with pytest.raises(DataError, match=f"{sources[0]}: sha256 .* is not the release's"):
         prepare([get_task("octid")], tmp_path / "root", sources, manifest_file=mini)
     assert _no_files(tmp_path / "root")
+
+
+def test_missing_archive_is_reported_and_a_rerun_with_it_completes(tmp_path: Path) -> None:
+    sources, manifest = _release(tmp_path, "messidor")
+    csv_zip, images = sources[0], sources[1:]
+    assert len(images) >= 2
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match=r"messidor: \d+ file\(s\) listed by the task are in none of the sources"):
+        prepare([get_task("messidor")], root, [csv_zip, *images[:-1]], echo=lambda s: None)
+    lines: list[str] = []
+    prepare([get_task("messidor")], root, sources, echo=lines.append)
+    with zipfile.ZipFile(images[-1]) as zf:
+        assert f"{len(zf.namelist())} placed" in lines[0] and "already in place" in lines[0]

@@ -67,18 +67,15 @@ def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bo
     result = CheckResult(spec.name)
     problems = result.problems
     try:
-        examples = SOURCES.get(spec.source.kind)(spec, root)
+        rows = _csv_rows(spec, root) if spec.source.kind == "csv" else _folder_rows(spec, root)
     except RetbenchError as exc:  # no CSV, no split folder: nothing more can be checked
         problems.append(Problem("missing", spec.source.path, str(exc)))
         return result
-    base = root if spec.source.kind == "csv" else root / spec.source.path
-    image_root = examples.images.root if hasattr(examples.images, "root") else base
-    rel_of = {i: os.path.normpath(os.path.relpath(os.path.join(image_root, i), root)) for i in set(examples.ids)}
-    listed = sorted(set(rel_of.values()))
+    listed = sorted({rel for rel, _, _ in rows})
     result.files = len(listed)
     split_of: dict[str, set[str]] = defaultdict(set)
-    for image_id, split in zip(examples.ids, examples.given_split or [None] * len(examples)):
-        split_of[rel_of[image_id]].add(split or "")
+    for rel, _, split in rows:
+        split_of[rel].add(split or "")
 
     present = []
     for rel in listed:
@@ -95,7 +92,7 @@ def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bo
         if not (root / rel).exists():  # a folder task lists only what is there: the records name what was
             source = "recorded at prepare" if rel in recorded else "listed in the manifest"
             problems.append(Problem("missing", rel, f"{source}, not there any more"))
-    _counts(spec, manifest, examples, len(listed), problems)
+    _counts(spec, manifest, rows, len(listed), problems)
     _extra(spec, root, manifest, set(listed), problems)
 
     digests: dict[str, str] = {}
@@ -119,16 +116,46 @@ def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bo
                 except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
                     problems.append(Problem("unreadable", rel, f"not a readable image ({type(exc).__name__}: {exc})"))
             advance()
-    _duplicates(digests, split_of, manifest, examples.given_split is not None, problems)
+    _duplicates(digests, split_of, manifest, any(split for _, _, split in rows), problems)
     return result
 
 
-def _counts(spec: TaskSpec, manifest: Manifest, examples: object, files: int, problems: list[Problem]) -> None:
+Row = tuple[str, int, "str | None"]
+"""(data-root-relative image path, class index, given split or None): one example of the task."""
+
+
+def _csv_rows(spec: TaskSpec, root: Path) -> list[Row]:
+    """The examples the task's CSV(s) list, whether or not their images are there."""
+    examples = SOURCES.get("csv")(spec, root)
+    image_root = examples.images.root  # type: ignore[union-attr]  # a csv source reads files
+    splits = examples.given_split or [None] * len(examples)
+    return [(os.path.normpath(os.path.relpath(os.path.join(image_root, i), root)), int(label), split)
+            for i, label, split in zip(examples.ids, examples.labels, splits)]
+
+
+def _folder_rows(spec: TaskSpec, root: Path) -> list[Row]:
+    """The images in the task's ``<split>/<class folder>/`` folders (a folder of no class is left to ``extra``)."""
+    base = root / spec.source.path
+    if not base.is_dir():
+        raise DataError(f"no folder {base}")
+    class_of = {m: i for i, c in enumerate(spec.classes) for m in (c.match or (c.name,))}
+    rows: list[Row] = []
+    for split, sub in (spec.source.split_dirs or {None: ""}).items():
+        split_root = base / sub
+        if not split_root.is_dir():
+            raise DataError(f"no split folder {split_root}")
+        for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir() and p.name in class_of):
+            for img in sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                rows.append((os.path.relpath(img, root), class_of[class_dir.name], split))
+    return rows
+
+
+def _counts(spec: TaskSpec, manifest: Manifest, rows: list[Row], files: int, problems: list[Problem]) -> None:
     where = f"manifest of {manifest.origin}"
     if manifest.files is not None and files != manifest.files:
         problems.append(Problem("count", "files", f"{files} images, the {where} expects {manifest.files} "
                                 f"({_diff(files, manifest.files)})"))
-    labels = Counter(int(v) for v in examples.labels)  # type: ignore[attr-defined]
+    labels = Counter(label for _, label, _ in rows)
     for name, want in manifest.classes.items():
         if name not in spec.class_names:
             problems.append(Problem("count", f"class '{name}'", f"the {where} names a class the task does not have"))
@@ -137,7 +164,7 @@ def _counts(spec: TaskSpec, manifest: Manifest, examples: object, files: int, pr
         if have != want:
             problems.append(Problem("count", f"class '{name}'", f"{have} examples, the {where} expects {want} "
                                     f"({_diff(have, want)})"))
-    given = Counter(examples.given_split or [])  # type: ignore[attr-defined]
+    given = Counter(split for _, _, split in rows if split is not None)
     for split, want in manifest.splits.items():
         if given.get(split, 0) != want:
             problems.append(Problem("count", f"split '{split}'", f"{given.get(split, 0)} examples, the {where} "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -148,13 +149,12 @@ def _one(sources: Sources, target: str, members: list[Member]) -> Member:
     """The member to use for ``target`` among same-named ``members``: refused when their contents differ."""
     if len(members) == 1:
         return members[0]
-    digests = {m: sources.sha256(m) for m in members}
-    if len(set(digests.values())) > 1:
-        a, b = (m for m in members if digests[m] != digests[members[0]]), members[0]
-        other = next(a)
-        raise DataError(f"two images named '{PurePosixPath(target).name}' with different content: {b} (sha256 "
-                        f"{digests[b][:12]}) and {other} (sha256 {digests[other][:12]}); pass only the right one "
-                        f"with --from")
+    first = sources.sha256(members[0])
+    other = next((m for m in members[1:] if sources.sha256(m) != first), None)
+    if other is not None:
+        raise DataError(f"two images named '{PurePosixPath(target).name}' with different content: {members[0]} "
+                        f"(sha256 {first[:12]}...) and {other} (sha256 {sources.sha256(other)[:12]}...); pass only "
+                        "the right one with --from")
     return members[0]
 
 
@@ -198,9 +198,7 @@ def plan_csv(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, p
         examples = SOURCES.get("csv")(spec, staging or root)
     finally:
         if staging is not None:
-            for p in sorted(staging.rglob("*"), reverse=True):
-                p.unlink() if p.is_file() else p.rmdir()
-            staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
     plan.placements += pending_tables
     plan.used.update(p.member for p in pending_tables)
     image_root = PurePosixPath(spec.source.image_root or PurePosixPath(tables[0]).parent.as_posix())
