@@ -470,3 +470,26 @@ def test_missing_archive_is_reported_and_a_rerun_with_it_completes(tmp_path: Pat
     prepare([get_task("messidor")], root, sources, echo=lines.append)
     with zipfile.ZipFile(images[-1]) as zf:
         assert f"{len(zf.namelist())} placed" in lines[0] and "already in place" in lines[0]
+
+
+def test_original_messidor_tiffs_are_named_as_another_release(tmp_path: Path) -> None:
+    sources, _ = _release(tmp_path, "messidor")
+    tiffs = {}
+    for archive in sources[1:]:
+        with zipfile.ZipFile(archive) as zf:
+            tiffs.update({str(Path(n).with_suffix(".tif")): zf.read(n) for n in zf.namelist()})
+        archive.unlink()
+    original = _zip(tmp_path / "dl" / "Base11.zip", tiffs)
+    with pytest.raises(DataError, match=r"exist under another suffix \(e\.g\. \S+\.tif for \S+\.(png|JPG)\)"):
+        prepare([get_task("messidor")], tmp_path / "root", [sources[0], original])
+
+
+def test_partition_csv_already_under_the_data_root_is_used(tmp_path: Path, capsys) -> None:
+    sources, _ = _release(tmp_path, "refuge")
+    root = tmp_path / "root"
+    with zipfile.ZipFile(sources[0]) as zf:
+        table = zf.read(f"{FLAIR_CSV_DIR}/25_REFUGE.csv")
+    (root / "flair" / "dataframes").mkdir(parents=True)
+    (root / "flair" / "dataframes" / "25_REFUGE.csv").write_bytes(table)
+    assert _cli("data", "prepare", "refuge", "--from", sources[1], "--data-root", root) == 0
+    assert "refuge: 10 placed (10 extracted)" in capsys.readouterr().out

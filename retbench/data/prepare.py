@@ -177,8 +177,8 @@ def plan_csv(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, p
             pending_tables.append(Placement(rel, _one(sources, rel, found)))
         elif not (root / rel).is_file():
             raise NothingFoundError(f"task '{spec.name}' needs its partition CSV '{PurePosixPath(rel).name}' (at "
-                            f"<data_root>/{rel}): pass --from the folder or zip that holds it"
-                            + (f" ({manifest.accepts})" if manifest.accepts else ""))
+                                    f"<data_root>/{rel}): pass --from the folder or zip that holds it"
+                                    + (f" ({manifest.accepts})" if manifest.accepts else ""))
     # the image list comes from the CSV: read it from the source when it is not yet under the data root
     staging = None
     try:
@@ -214,10 +214,24 @@ def plan_csv(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, p
             plan.used.add(member)
         elif not (root / target).exists():
             plan.missing.append(target)
-    if len(plan.missing) == len(targets):
-        raise NothingFoundError(f"task '{spec.name}': none of its {len(targets)} images (e.g. {PurePosixPath(targets[0]).name})"
-                           f" is in {', '.join(map(str, sources.paths))}"
-                           + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
+    if targets and len(plan.missing) == len(targets):
+        raise NothingFoundError(f"task '{spec.name}': none of its {len(targets)} images (e.g. "
+                                f"{PurePosixPath(targets[0]).name}) is in {', '.join(map(str, sources.paths))}"
+                                + _suffix_hint(sources, plan.missing)
+                                + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
+
+
+def _suffix_hint(sources: Sources, missing: list[str]) -> str:
+    """A hint when missing images exist in the sources under another suffix (another release's format)."""
+    stems: dict[str, str] = {}
+    for m in sources.members:
+        stems.setdefault(PurePosixPath(m.basename).stem.lower(), m.basename)
+    other = [(PurePosixPath(t).name, stems[PurePosixPath(t).stem.lower()]) for t in missing
+             if PurePosixPath(t).stem.lower() in stems]
+    if not other:
+        return ""
+    return (f"; {len(other)} of them exist under another suffix (e.g. {other[0][1]} for {other[0][0]}): another "
+            "release of the dataset? prepare does not convert images")
 
 
 def plan_folder(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest, plan: Plan) -> None:
@@ -236,10 +250,11 @@ def plan_folder(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest
         elif parts[-2] in class_dirs:
             by_target[f"{spec.source.path}/{parts[-2]}/{parts[-1]}"].append(m)
     if not by_target:
-        hint = _release_hint(sources)
+        hint = _release_hint(spec, sources)
         raise NothingFoundError(f"task '{spec.name}': none of the {len(sources.members)} files in "
-                        f"{', '.join(map(str, sources.paths))} fits its layout {spec.source.layout or spec.source.path}"
-                        + (f"; {hint}" if hint else "") + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
+                                f"{', '.join(map(str, sources.paths))} fits its layout "
+                                f"{spec.source.layout or spec.source.path}" + (f"; {hint}" if hint else "")
+                                + (f"; pass --from {manifest.accepts}" if manifest.accepts else ""))
     for target, members in sorted(by_target.items()):
         _inside(root, target)
         member = _one(sources, target, members)
@@ -247,8 +262,10 @@ def plan_folder(spec: TaskSpec, root: Path, sources: Sources, manifest: Manifest
         plan.used.add(member)
 
 
-def _release_hint(sources: Sources) -> str:
+def _release_hint(spec: TaskSpec, sources: Sources) -> str:
     """A hint when the sources look like a dataset's original release rather than the split archive a task needs."""
+    if spec.source.path != "APTOS2019":
+        return ""
     names = {m.basename.lower() for m in sources.members}
     folders = {p.lower() for m in sources.members for p in m.parts[:-1]}
     if "train.csv" in names and "train_images" in folders:
