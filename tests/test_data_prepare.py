@@ -414,6 +414,10 @@ def test_group_prepare_skips_tasks_with_no_files_given(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "refuge: " in out and " placed (" in out
     assert "messidor: skipped: task 'messidor' needs its partition CSV '02_MESSIDOR.csv'" in out
+    # a download no task of the group uses is a warning there (it may be for a skipped task), not an error
+    octid, _ = _release(tmp_path / "other", "octid")
+    assert _cli("data", "prepare", "@flair", *froms, "--from", octid[0], "--data-root", tmp_path / "root") == 0
+    assert f"warning: {octid[0]}: none of its" in capsys.readouterr().out
 
 
 def test_renamed_image_is_found_by_the_manifest_checksum(tmp_path: Path) -> None:

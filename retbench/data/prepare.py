@@ -408,8 +408,10 @@ def prepare(specs: list[TaskSpec], root: Path, paths: list[Path], mode: str = "l
         for path, members in sources.by_source.items():
             if not any(m in used for m in members):
                 names = ", ".join(s.name for s, _, _ in plans)
-                raise DataError(f"{path}: none of its {len(members)} files is one that {names} needs: the wrong "
-                                "archive or folder? (nothing was written)")
+                message = f"{path}: none of its {len(members)} files is one that {names} needs: the wrong archive or folder?"
+                if len(specs) == 1:
+                    raise DataError(message + " (nothing was written)")
+                echo(f"warning: {message}")  # a group: that download may be for a task skipped above
         reports = []
         for spec, manifest, plan in plans:
             reports.append(_execute(spec, manifest, plan, root, sources, mode))
