@@ -1,4 +1,4 @@
-"""``retbench`` command line: run, list, validate, results, leaderboard, pretrain, sweep.
+"""``retbench`` command line: run, data, list, validate, results, leaderboard, pretrain, sweep.
 
 :mod:`retbench.cli.commands` holds the parser and the commands; :mod:`retbench.cli.common` the helpers every
 subcommand shares (also those defined in :mod:`retbench.pretrain.cli` and :mod:`retbench.sweep.cli`).

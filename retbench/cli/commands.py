@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from retbench.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
+    from retbench.cli.data import add_data_parser
+
+    add_data_parser(sub)
     lst = sub.add_parser("list", help="list tasks, models, protocols, metrics or task groups",
                          description="List what is registered.")
     lst.add_argument("what", choices=["tasks", "models", "protocols", "metrics", "groups"])
@@ -347,5 +350,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``retbench data prepare|check`` (in :mod:`retbench.cli.data`)."""
+    from retbench.cli.data import cmd_data as run_data
+
+    return run_data(args)
+
+
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "list": cmd_list, "validate": cmd_validate,
-            "results": cmd_results, "leaderboard": cmd_leaderboard}
+            "results": cmd_results, "leaderboard": cmd_leaderboard, "data": cmd_data}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from retbench.errors import SpecError
 from retbench.spec.reader import Reader, load_yaml_with_includes
 from retbench.spec.schema import (
     DEFAULT_METRICS,
@@ -34,10 +36,21 @@ TOP_KEYS = {
 
 
 def parse_spec(path: Path) -> TaskSpec:
-    """Load and validate the YAML task spec at ``path``."""
+    """Load and validate the YAML task spec at ``path`` (its ``manifest`` mapping, if any, on ``spec.manifest``)."""
+    raw = load_yaml_with_includes(path)
+    # the data manifest describes the files of a release, not the evaluation: kept out of ``raw`` so that recording
+    # counts or checksums never re-hashes a task (its stored results stay current)
+    manifest = raw.pop("manifest", None)
+    if manifest is not None and not isinstance(manifest, dict):
+        raise SpecError(str(path), "manifest", f"expected a mapping, got {type(manifest).__name__}")
+    spec = _parse_raw(path, raw)
+    return replace(spec, manifest=manifest) if manifest is not None else spec
+
+
+def _parse_raw(path: Path, raw: dict[str, Any]) -> TaskSpec:
+    """Validate the merged mapping ``raw`` of the spec at ``path``."""
     from retbench.metrics import METRICS  # local import: metrics import nothing from here
 
-    raw = load_yaml_with_includes(path)
     r = Reader(str(path), raw)
     r.check_unknown(TOP_KEYS)
     kind = r.get("kind", str, "classification", choices=KINDS)

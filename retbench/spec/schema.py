@@ -186,6 +186,8 @@ class TaskSpec:
     kind: str = "classification"
     retrieval: RetrievalSpec | None = None
     vqa: VQASpec | None = None
+    # the release's file manifest (see docs/adding_a_task.md), read by ``retbench data``; not part of spec_hash
+    manifest: dict[str, Any] | None = field(repr=False, compare=False, default=None)
 
     @property
     def class_names(self) -> list[str]:
