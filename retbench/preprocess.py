@@ -8,6 +8,7 @@ on the target device (:func:`normalize`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ class Preprocess:
     fundus_crop: FundusCrop = "none"
     grayscale: bool = False
     normalization: Normalization = "mean_std"
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.fundus_crop not in FUNDUS_CROPS:
@@ -86,6 +88,34 @@ class Preprocess:
             if k in known:
                 known[k] = tuple(known[k])
         return replace(self, **known)
+
+    def pixel_recipe(self) -> dict[str, Any]:
+        """The fields that decide the ``uint8`` pixels :meth:`load` makes (not mean, std or normalisation,
+        applied per batch on the device): the pixel cache's recipe."""
+        d = self.to_dict()
+        for k in ("mean", "std", "normalization"):
+            d.pop(k)
+        return d
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """With ``jpeg_draft``, the size to ask PIL's JPEG draft mode for (twice what the resize needs),
+        or ``None`` when the source is smaller than that (a full decode)."""
+        if not self.jpeg_draft:
+            return None
+        need = 2 * (max(self.size, math.floor(self.size / self.crop_pct + 1e-9)) if self.resize == "resize_crop"
+                    else self.size)
+        if min(width, height) < 2 * need:  # DCT scales are powers of two: nothing to gain below 2× the need
+            return None
+        return need, need
+
+    def open_file(self, path: str | os.PathLike[str]) -> Image.Image:
+        """Decode an image file for :meth:`load`: 16/32-bit grey scaled to 8 bits; a large JPEG decoded at a
+        reduced DCT scale when ``jpeg_draft`` is on (:meth:`draft_size`)."""
+        with Image.open(path) as im:
+            if im.format == "JPEG" and (request := self.draft_size(*im.size)) is not None:
+                im.draft("RGB" if im.mode == "RGB" else None, request)
+            im.load()
+            return to_8bit(im)
 
     def load(self, image: Image.Image) -> torch.Tensor:
         """Transform a PIL image into a ``uint8`` tensor of shape (3, size, size)."""
