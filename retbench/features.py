@@ -26,6 +26,7 @@ from retbench.adapters import Adapter
 from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.data.examples import Examples, FileImages
 from retbench.errors import DataError, warn
+from retbench.gpu_decode import check_recipe, load_batch, read_encoded
 from retbench.pixel_cache import PixelCache
 from retbench.preprocess import Preprocess, normalize
 from retbench.progress import progress_bar
@@ -67,6 +68,40 @@ class ImageDataset(Dataset):
         if self.preprocess.jpeg_draft and isinstance(images, FileImages):
             return self.preprocess.open_file(images.path(image_id))
         return images.open(image_id)
+
+
+class EncodedDataset(Dataset):
+    """Yields ``(index, (bytes or PIL-decoded tensor, is_jpeg) | None, error | None, False)`` for the nvjpeg path
+    (:mod:`retbench.gpu_decode`): files are read here and decoded in batches on the device."""
+
+    def __init__(self, examples: Examples) -> None:
+        if not isinstance(examples.images, FileImages):
+            raise DataError("preprocess decoder 'nvjpeg' reads image files; this task's images are arrays "
+                            "(use decoder: pil)")
+        self.examples, self.images = examples, examples.images
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, bool] | None, str | None, bool]:
+        try:
+            return i, read_encoded(self.images.path(self.examples.ids[i])), None, False
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
+            return i, None, f"{type(exc).__name__}: {exc}", False
+
+
+def _collate_encoded(items: list) -> tuple[list[int], list[tuple[torch.Tensor, bool]], list[tuple[int, str]], int]:
+    good = [(i, t) for i, t, err, _ in items if err is None]
+    return [i for i, _ in good], [t for _, t in good], [(i, err) for i, _, err, _ in items if err is not None], 0
+
+
+def _decode_on_device(idx: list[int], encoded: list[tuple[torch.Tensor, bool]], errors: list[tuple[int, str]],
+                      preprocess: Preprocess, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """The nvjpeg path's batch: decoded and transformed on ``device``; failures join ``errors``."""
+    images = load_batch(encoded, preprocess, device)
+    keep = [(i, t) for i, t in zip(idx, images) if isinstance(t, torch.Tensor)]
+    errors += [(i, f"{type(t).__name__}: {t}") for i, t in zip(idx, images) if not isinstance(t, torch.Tensor)]
+    return [i for i, _ in keep], torch.stack([t for _, t in keep]) if keep else None
 
 
 def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]], int]:
@@ -162,6 +197,9 @@ def extract(
 ) -> Features:
     """Encode every example; ``joint`` selects image-text space embeddings (zero-shot).
 
+    With ``preprocess.decoder == "nvjpeg"`` (CUDA only) the files are read in the loader and decoded and
+    transformed on the device in batches (:mod:`retbench.gpu_decode`); the pixel cache is not used.
+
     ``pixel_cache``: read preprocessed pixels from it and store those decoded here (the features are the
     same bit for bit: the cache holds :meth:`Preprocess.load`'s exact output); when entries were written,
     the cache is trimmed to its size bound at the end.
@@ -173,9 +211,13 @@ def extract(
     device = adapter.device
     batch_size = batch_size or auto_batch_size(adapter, preprocess, joint)
     workers = default_workers() if num_workers is None else num_workers
+    on_device = preprocess.decoder == "nvjpeg"
+    if on_device:
+        check_recipe(preprocess, device)
     loader = DataLoader(
-        ImageDataset(examples, preprocess, pixel_cache), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        EncodedDataset(examples) if on_device else ImageDataset(examples, preprocess, pixel_cache),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_encoded if on_device else _collate,
+        pin_memory=device.type == "cuda" and not on_device, prefetch_factor=4 if workers else None,
     )
     encode = adapter.encode_image_joint if joint else adapter.encode_image
     cuda = device.type == "cuda"
@@ -187,6 +229,8 @@ def extract(
     with progress_bar(f"extract {adapter.name} {'joint' if joint else 'features'}", len(examples)) as advance:
         for idx, pixels, errors, wrote in loader:
             written += wrote
+            if on_device:  # nvjpeg: the batch arrives encoded
+                idx, pixels = _decode_on_device(idx, pixels, errors, preprocess, device)
             for i, err in errors:
                 if not skip_bad_images:
                     raise DataError(f"unreadable image {_path_of(examples, i)}: {err} (use --skip-bad-images to skip)")
@@ -256,10 +300,13 @@ def _checksum(key: str, values: np.ndarray) -> str:
 
 
 def _keyed_recipe(preprocess: Preprocess) -> dict[str, Any]:
-    """The recipe as the feature cache key holds it: ``jpeg_draft`` only when on (keys from before it stay valid)."""
+    """The recipe as the feature cache key holds it: ``jpeg_draft`` and ``decoder`` only when not the default
+    (keys from before those fields existed stay valid)."""
     d = preprocess.to_dict()
     if not d.get("jpeg_draft"):
         d.pop("jpeg_draft", None)
+    if d.get("decoder") == "pil":
+        d.pop("decoder", None)
     return d
 
 

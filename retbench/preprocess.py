@@ -26,6 +26,8 @@ FundusCrop = Literal["none", "threshold", "li_red", "mean_bbox"]
 Normalization = Literal["mean_std", "per_image"]
 FUNDUS_CROPS = ("none", "threshold", "li_red", "mean_bbox")
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos"]
+Decoder = Literal["pil", "nvjpeg"]
+DECODERS = ("pil", "nvjpeg")
 _PIL_INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -53,7 +55,9 @@ class Preprocess:
     when that keeps at least twice the size the resize needs: 2.2× faster decoding of the 1000 px
     fundus photos, but not the same pixels as a full decode (the 120 bundled mx_dme CFP at 224 px:
     mean |Δ| 0.23 grey levels, at most 10; with the threshold fundus crop mean 0.34, at most 42),
-    so it is part of the recipe recorded in results and keyed in the caches.
+    so it is part of the recipe recorded in results and keyed in the caches. ``decoder``:
+    ``pil`` (default), or ``nvjpeg`` (opt-in, CUDA only): JPEGs decoded in batches on the GPU and
+    the geometry run there (:mod:`retbench.gpu_decode`; close to, not equal to, PIL's pixels).
     """
 
     size: int = 224
@@ -66,10 +70,13 @@ class Preprocess:
     grayscale: bool = False
     normalization: Normalization = "mean_std"
     jpeg_draft: bool = False
+    decoder: Decoder = "pil"
 
     def __post_init__(self) -> None:
         if self.fundus_crop not in FUNDUS_CROPS:
             raise ValueError(f"fundus_crop must be one of {', '.join(FUNDUS_CROPS)}, got {self.fundus_crop!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description."""

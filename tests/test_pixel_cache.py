@@ -267,12 +267,13 @@ def test_jpeg_draft_is_opt_in_recorded_and_within_its_stated_tolerance(cfp) -> N
     assert d.max() <= 10 and d.mean() <= 0.3  # the README's tolerance on these photos: at most 7, mean 0.21
 
 
-def test_feature_cache_keys_without_draft_are_unchanged() -> None:
+def test_feature_cache_keys_at_the_default_decoding_are_unchanged() -> None:
     adapter = load_model("classical", None, "cpu")
     pre = adapter.task_preprocess({})
     key = FeatureCache.key(adapter, pre, "t", "1", "h", False)
     assert FeatureCache.key(adapter, dataclasses.replace(pre, jpeg_draft=True), "t", "1", "h", False) != key
-    legacy = {k: v for k, v in pre.to_dict().items() if k != "jpeg_draft"}
+    assert FeatureCache.key(adapter, dataclasses.replace(pre, decoder="nvjpeg"), "t", "1", "h", False) != key
+    legacy = {k: v for k, v in pre.to_dict().items() if k not in ("jpeg_draft", "decoder")}
     ident = {"model": adapter.name, "weights": adapter.weights_identity(), "preprocess": legacy, "task": "t",
              "task_version": "1", "images": "h", "space": "features"}
     assert key == hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
