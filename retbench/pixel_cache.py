@@ -55,6 +55,7 @@ MAX_GB_ENV = "RETBENCH_PIXEL_CACHE_MAX_GB"
 DISABLE_ENV = "RETBENCH_NO_PIXEL_CACHE"
 DEFAULT_MAX_GB = 20.0
 TOUCH_AFTER_S = 60.0
+STALE_TMP_S = 3600.0  # a temporary file this old is a killed writer's
 
 
 def pixel_cache_enabled_by_env() -> bool:
@@ -186,8 +187,10 @@ class PixelCache:
 
     # ------------------------------------------------------------------ size bound
     def entries(self) -> list[tuple[float, int, Path]]:
-        """Every entry as (modification time, size, path); entries vanishing meanwhile are left out."""
+        """Every entry as (modification time, size, path); entries vanishing meanwhile are left out. Temporary files
+        a killed writer left (older than an hour) are deleted on the way."""
         out: list[tuple[float, int, Path]] = []
+        stale_before = time.time() - STALE_TMP_S
         if not self.root.is_dir():
             return out
         for recipe in os.scandir(self.root):
@@ -197,11 +200,16 @@ class PixelCache:
                 if not shard.is_dir(follow_symlinks=False):
                     continue
                 for entry in os.scandir(shard.path):
-                    if entry.name.endswith(SUFFIX):
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
+                    is_tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
+                    if not (entry.name.endswith(SUFFIX) or is_tmp):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if is_tmp and st.st_mtime < stale_before:
+                            os.unlink(entry.path)
+                    except OSError:
+                        continue
+                    if not is_tmp:
                         out.append((st.st_mtime, st.st_size, Path(entry.path)))
         return out
 

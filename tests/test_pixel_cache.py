@@ -193,6 +193,13 @@ def test_eviction_keeps_the_bound_least_recently_used_first(tmp_path: Path) -> N
     kept = {p.stem for _, _, p in cache.entries()}
     assert kept == {digests[0], digests[4], digests[5]}
     assert cache.evict(3 * entry_size) == 0
+    shard = cache.path(pre, digests[5]).parent
+    killed, writing = shard / f".{digests[1]}.px.abc.tmp", shard / f".{digests[2]}.px.def.tmp"
+    for tmp in (killed, writing):
+        tmp.write_bytes(b"partial")
+    os.utime(killed, (now - 7200, now - 7200))
+    cache.evict()
+    assert not killed.exists() and writing.exists()  # a killed writer's leftover goes; one being written stays
 
 
 def test_extraction_trims_the_cache_to_its_bound(cfp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
