@@ -27,6 +27,7 @@ while read stays readable to the reader (POSIX); one deleted before it is opened
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -157,8 +158,9 @@ class PixelCache:
         return None
 
     def put(self, preprocess: Preprocess, digest: str, pixels: torch.Tensor) -> bool:
-        """Store ``pixels`` (``uint8`` (C, H, W)) atomically; False when it could not be written (warned once per
-        cache object; extraction goes on without caching)."""
+        """Store ``pixels`` (``uint8`` (C, H, W)) atomically; False when it could not be written (extraction goes on
+        without caching; warned once per cache object, except for a full disk or quota, which the feature cache or
+        result write that follows reports in its own one line)."""
         if self._write_failed:
             return False
         arr = np.ascontiguousarray(pixels.numpy(), dtype=np.uint8)
@@ -173,7 +175,10 @@ class PixelCache:
             atomic_write_bytes(self.path(preprocess, digest), header + payload, fsync=False)
         except RetbenchError as exc:
             self._write_failed = True
-            warn(f"pixel cache: {exc}; going on without caching pixels (--no-pixel-cache silences this)")
+            cause = exc.__context__  # the OSError atomic_write_bytes turned into this one line
+            if not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+                warn(f"pixel cache: {exc}; going on without caching pixels (--no-pixel-cache silences this)")
+            # a full disk is left to the next write that must succeed (features, results): its error is the one line
             return False
         return True
 

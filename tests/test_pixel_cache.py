@@ -137,6 +137,25 @@ def test_an_unwritable_cache_warns_once_and_extraction_goes_on(cfp, tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("warning: pixel cache: cannot write")
 
 
+def test_a_full_disk_stops_pixel_caching_without_a_line_of_its_own(cfp, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import retbench.atomic_files
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cache = PixelCache(tmp_path / "pixels")
+    dataset = ImageDataset(cfp, Preprocess(), cache)
+    monkeypatch.setattr(retbench.atomic_files.tempfile, "mkstemp", full)
+    items = [dataset[i] for i in range(3)]
+    monkeypatch.undo()
+    assert all(err is None and not written for _, _, err, written in items)
+    assert not capsys.readouterr().err  # the feature cache or result write after it names the full disk
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing half-written
+
+
 # ------------------------------------------------------------------ concurrent writers
 
 
