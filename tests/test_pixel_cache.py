@@ -69,7 +69,7 @@ def test_run_with_and_without_the_pixel_cache_writes_the_same_numbers(data_root:
 
     options = {"data_root": str(data_root), "device": "cpu", "num_workers": 0, "seeds": 1}
     out = {}
-    for pixel_cache in (False, True, True):  # off; on and cold; on and warm (feature cache bypassed each time)
+    for pixel_cache in (False, True):  # off; on and cold (warm reads: the extract() test above)
         result = retbench.evaluate("classical", CFP_TASK, "linear_probe", results_dir=str(tmp_path / f"r{len(out)}"),
                                    cache_dir=str(tmp_path / "cache"), use_cache=True, pixel_cache=pixel_cache,
                                    overwrite=True, **options)
@@ -77,7 +77,7 @@ def test_run_with_and_without_the_pixel_cache_writes_the_same_numbers(data_root:
         out[len(out)] = result.data
     assert len(PixelCache(tmp_path / "cache" / "pixels").entries()) == 120
     for key in ("metrics", "runs", "preprocess", "feature_cache_key"):
-        assert out[0][key] == out[1][key] == out[2][key], key
+        assert out[0][key] == out[1][key], key
     assert out[0]["preprocess"]["jpeg_draft"] is False  # the recipe states how images were decoded
 
 
