@@ -20,6 +20,11 @@ def default_cache_dir() -> str:
     return os.environ.get("RETBENCH_CACHE") or str(Path.home() / ".cache" / "retbench")
 
 
+def pixel_cache_allowed() -> bool:
+    """False when ``$RETBENCH_NO_PIXEL_CACHE`` is set (to anything but ``""``, ``0``, ``false`` or ``no``)."""
+    return os.environ.get("RETBENCH_NO_PIXEL_CACHE", "").strip().lower() in ("", "0", "false", "no")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a ``retbench run`` needs; recorded (minus paths' machine specifics) in each result."""
@@ -37,6 +42,7 @@ class RunConfig:
     overwrite: bool = False
     skip_bad_images: bool = False
     use_cache: bool = True
+    pixel_cache: bool = True  # preprocessed pixels under <cache_dir>/pixels (--no-pixel-cache, $RETBENCH_NO_PIXEL_CACHE)
     shots: tuple[int, ...] | None = None
     seeds: int | None = None
     precision: str = "release"  # CUDA autocast: the release's own (per model), or fp32 / fp16 / bf16 for all
@@ -44,6 +50,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
+        if self.pixel_cache and not pixel_cache_allowed():
+            object.__setattr__(self, "pixel_cache", False)
         if self.precision not in PRECISIONS:
             raise RetbenchError(f"precision must be one of {', '.join(PRECISIONS)}; got '{self.precision}'")
         self._check_counts()

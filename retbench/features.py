@@ -19,37 +19,96 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from retbench.adapters import Adapter
 from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.data.examples import Examples, FileImages
 from retbench.errors import DataError, warn
+from retbench.gpu_decode import check_recipe, load_batch, read_encoded
+from retbench.pixel_cache import PixelCache
 from retbench.preprocess import Preprocess, normalize
 from retbench.progress import progress_bar
 
 
 class ImageDataset(Dataset):
-    """Yields ``(index, uint8 tensor | None, error | None)``; errors are reported, not raised, in workers."""
+    """Yields ``(index, uint8 tensor | None, error | None, written)``; errors are reported, not raised, in workers.
 
-    def __init__(self, examples: Examples, preprocess: Preprocess) -> None:
-        self.examples, self.preprocess = examples, preprocess
+    With a ``pixel_cache``, an image file's pixels are read from it when present (keyed by the sha256 of the
+    file's bytes and the recipe's pixel fields), else decoded and stored (``written`` is then True); in-memory
+    arrays (e.g. RetinaMNIST) are cheap to resize and bypass it.
+    """
+
+    def __init__(self, examples: Examples, preprocess: Preprocess, pixel_cache: PixelCache | None = None) -> None:
+        self.examples, self.preprocess, self.pixel_cache = examples, preprocess, pixel_cache
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
+        images = self.examples.images
+        digest = None
+        if self.pixel_cache is not None and isinstance(images, FileImages):
+            try:
+                digest = file_digest(images.path(self.examples.ids[i]))
+            except OSError:
+                digest = None  # unreadable: the decoder below reports it as it would without the cache
+            if digest is not None and (hit := self.pixel_cache.get(self.preprocess, digest)) is not None:
+                return i, hit, None, False
         try:
-            return i, self.preprocess.load(self.examples.images.open(self.examples.ids[i])), None
+            pixels = self.preprocess.load(self._open(i))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
-            return i, None, f"{type(exc).__name__}: {exc}"
+            return i, None, f"{type(exc).__name__}: {exc}", False
+        written = digest is not None and self.pixel_cache is not None and self.pixel_cache.put(self.preprocess, digest, pixels)
+        return i, pixels, None, written
+
+    def _open(self, i: int) -> Image.Image:
+        images, image_id = self.examples.images, self.examples.ids[i]
+        if self.preprocess.jpeg_draft and isinstance(images, FileImages):
+            return self.preprocess.open_file(images.path(image_id))
+        return images.open(image_id)
 
 
-def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, t) for i, t, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
+class EncodedDataset(Dataset):
+    """Yields ``(index, (bytes or PIL-decoded tensor, is_jpeg) | None, error | None, False)`` for the nvjpeg path
+    (:mod:`retbench.gpu_decode`): files are read here and decoded in batches on the device."""
+
+    def __init__(self, examples: Examples) -> None:
+        if not isinstance(examples.images, FileImages):
+            raise DataError("preprocess decoder 'nvjpeg' reads image files; this task's images are arrays "
+                            "(use decoder: pil)")
+        self.examples, self.images = examples, examples.images
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, bool] | None, str | None, bool]:
+        try:
+            return i, read_encoded(self.images.path(self.examples.ids[i])), None, False
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image
+            return i, None, f"{type(exc).__name__}: {exc}", False
+
+
+def _collate_encoded(items: list) -> tuple[list[int], list[tuple[torch.Tensor, bool]], list[tuple[int, str]], int]:
+    good = [(i, t) for i, t, err, _ in items if err is None]
+    return [i for i, _ in good], [t for _, t in good], [(i, err) for i, _, err, _ in items if err is not None], 0
+
+
+def _decode_on_device(idx: list[int], encoded: list[tuple[torch.Tensor, bool]], errors: list[tuple[int, str]],
+                      preprocess: Preprocess, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """The nvjpeg path's batch: decoded and transformed on ``device``; failures join ``errors``."""
+    images = load_batch(encoded, preprocess, device)
+    keep = [(i, t) for i, t in zip(idx, images) if isinstance(t, torch.Tensor)]
+    errors += [(i, f"{type(t).__name__}: {t}") for i, t in zip(idx, images) if not isinstance(t, torch.Tensor)]
+    return [i for i, _ in keep], torch.stack([t for _, t in keep]) if keep else None
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]], int]:
+    good = [(i, t) for i, t, err, _ in items if err is None]
+    bad = [(i, err) for i, _, err, _ in items if err is not None]
     pixels = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], pixels, bad
+    return [i for i, _ in good], pixels, bad, sum(bool(w) for *_, w in items)
 
 
 @dataclass
@@ -134,8 +193,16 @@ def extract(
     batch_size: int | None = None,
     num_workers: int | None = None,
     skip_bad_images: bool = False,
+    pixel_cache: PixelCache | None = None,
 ) -> Features:
     """Encode every example; ``joint`` selects image-text space embeddings (zero-shot).
+
+    With ``preprocess.decoder == "nvjpeg"`` (CUDA only) the files are read in the loader and decoded and
+    transformed on the device in batches (:mod:`retbench.gpu_decode`); the pixel cache is not used.
+
+    ``pixel_cache``: read preprocessed pixels from it and store those decoded here (the features are the
+    same bit for bit: the cache holds :meth:`Preprocess.load`'s exact output); when entries were written,
+    the cache is trimmed to its size bound at the end.
 
     ``batch_size=None`` picks one that fits (:func:`auto_batch_size`). On CUDA the forward
     pass runs under the adapter's autocast dtype, in channels-last layout for CNNs, and
@@ -144,18 +211,26 @@ def extract(
     device = adapter.device
     batch_size = batch_size or auto_batch_size(adapter, preprocess, joint)
     workers = default_workers() if num_workers is None else num_workers
+    on_device = preprocess.decoder == "nvjpeg"
+    if on_device:
+        check_recipe(preprocess, device)
     loader = DataLoader(
-        ImageDataset(examples, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        EncodedDataset(examples) if on_device else ImageDataset(examples, preprocess, pixel_cache),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_encoded if on_device else _collate,
+        pin_memory=device.type == "cuda" and not on_device, prefetch_factor=4 if workers else None,
     )
     encode = adapter.encode_image_joint if joint else adapter.encode_image
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=adapter.autocast_dtype, enabled=cuda and adapter.autocast_dtype is not None)
     memory_format = torch.channels_last if cuda and adapter.channels_last else torch.contiguous_format
     outputs, rows, bad = [], [], []
+    written = 0
     start = time.perf_counter()
     with progress_bar(f"extract {adapter.name} {'joint' if joint else 'features'}", len(examples)) as advance:
-        for idx, pixels, errors in loader:
+        for idx, pixels, errors, wrote in loader:
+            written += wrote
+            if on_device:  # nvjpeg: the batch arrives encoded
+                idx, pixels = _decode_on_device(idx, pixels, errors, preprocess, device)
             for i, err in errors:
                 if not skip_bad_images:
                     raise DataError(f"unreadable image {_path_of(examples, i)}: {err} (use --skip-bad-images to skip)")
@@ -169,6 +244,8 @@ def extract(
     if not outputs:
         raise DataError("no image could be read")
     feats = torch.cat(outputs).cpu().numpy()
+    if written and pixel_cache is not None:
+        pixel_cache.evict()
     values = np.full((len(examples), feats.shape[1]), np.nan, dtype=np.float32)
     values[np.asarray(rows)] = feats
     return Features(values, bad, time.perf_counter() - start)
@@ -222,6 +299,17 @@ def _checksum(key: str, values: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _keyed_recipe(preprocess: Preprocess) -> dict[str, Any]:
+    """The recipe as the feature cache key holds it: ``jpeg_draft`` and ``decoder`` only when not the default
+    (keys from before those fields existed stay valid)."""
+    d = preprocess.to_dict()
+    if not d.get("jpeg_draft"):
+        d.pop("jpeg_draft", None)
+    if d.get("decoder") == "pil":
+        d.pop("decoder", None)
+    return d
+
+
 class FeatureCache:
     """Features on disk keyed by model, weights, preprocessing, task version and image contents.
 
@@ -237,7 +325,7 @@ class FeatureCache:
             content: str | None = None) -> str:
         """Deterministic cache key (hex); ``content`` is :func:`image_content_digest` of the images."""
         ident = {
-            "model": adapter.name, "weights": adapter.weights_identity(), "preprocess": preprocess.to_dict(),
+            "model": adapter.name, "weights": adapter.weights_identity(), "preprocess": _keyed_recipe(preprocess),
             "task": task, "task_version": version, "images": image_hash, "space": "joint" if joint else "features",
         }
         if content is not None:

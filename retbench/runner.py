@@ -25,6 +25,7 @@ from retbench.environment import environment, resolve_device
 from retbench.errors import NotApplicableError, RetbenchError
 from retbench.features import FeatureCache, Features, extract, image_content_digest
 from retbench.metrics import METRICS
+from retbench.pixel_cache import PixelCache, max_bytes_from_env
 from retbench.preprocess import Preprocess
 from retbench.protocols import PROTOCOLS
 from retbench.protocols.base import Context, EvaluationProtocol, ProtocolOutput, Run
@@ -125,8 +126,10 @@ class FeatureSource:
                 hit = None  # cached with skipped images; this run must fail on them instead
             else:
                 return hit
+        use_pixels = self.config.use_cache and self.config.pixel_cache  # --no-cache: no cache of any kind
+        pixels = PixelCache(Path(self.config.cache_dir) / "pixels") if use_pixels else None
         feats = extract(self.adapter, ex, self.preprocess, joint, self.config.batch_size,
-                        self.config.num_workers, self.config.skip_bad_images)
+                        self.config.num_workers, self.config.skip_bad_images, pixels)
         feats.key = key
         if self.config.use_cache:
             cache.save(key, feats, {"model": self.adapter.name, "task": spec.name, "joint": joint})
@@ -205,6 +208,8 @@ def run(config: RunConfig, on_result: Callable[[Result], None] | None = None) ->
     check_writable(config.results_dir, "results folder (--results-dir)")
     if config.use_cache:
         check_writable(config.cache_dir, "feature cache folder (--cache-dir / $RETBENCH_CACHE)")
+    if config.use_cache and config.pixel_cache:
+        max_bytes_from_env()  # a malformed $RETBENCH_PIXEL_CACHE_MAX_GB fails now, in one line
     results_root = Path(config.results_dir)
     out: list[Result] = []
     tasks: dict[str, TaskData] = {}

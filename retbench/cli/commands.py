@@ -114,7 +114,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true", help="recompute results that already exist")
     run.add_argument("--skip-bad-images", action="store_true",
                      help="skip unreadable images (recorded in the result) instead of failing")
-    run.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache (nor the pixel cache)")
+    run.add_argument("--no-pixel-cache", action="store_true",
+                     help="neither read nor write the cache of preprocessed pixels (<cache>/pixels, shared by every "
+                     "model and task with one resize recipe; bounded by $RETBENCH_PIXEL_CACHE_MAX_GB, default 20); "
+                     "also $RETBENCH_NO_PIXEL_CACHE=1. Features are the same either way")
     run.add_argument("--shots", type=int, nargs="+", help="few-shot k values (default: 1 2 4 8 16 where possible)")
     run.add_argument("--seeds", type=int, help="number of seeds for few-shot and linear probe")
     run.add_argument("--precision", choices=PRECISIONS, default="release",
@@ -150,7 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         protocols=csv_list(args.protocol), data_root=args.data_root, results_dir=args.results_dir,
         cache_dir=args.cache_dir, device=args.device, weights=args.weights, batch_size=args.batch_size,
         num_workers=args.workers, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
-        use_cache=not args.no_cache, shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
+        use_cache=not args.no_cache, pixel_cache=not args.no_pixel_cache,
+        shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
         precision=args.precision,
     )
     results = run(config, on_result=_print_result)

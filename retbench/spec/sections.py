@@ -25,7 +25,8 @@ from retbench.spec.schema import (
 
 SOURCE_KEYS = set(SourceSpec.__dataclass_fields__)
 SPLIT_KEYS = set(SplitSpec.__dataclass_fields__)
-PREPROCESS_KEYS = {"fundus_crop", "resize", "size", "interpolation", "crop_pct", "mean", "std", "grayscale", "normalization"}
+PREPROCESS_KEYS = {"fundus_crop", "resize", "size", "interpolation", "crop_pct", "mean", "std", "grayscale", "normalization",
+                   "jpeg_draft", "decoder"}
 
 
 def check_preprocess(pre: Reader) -> None:
@@ -37,6 +38,8 @@ def check_preprocess(pre: Reader) -> None:
         raise pre.fail("fundus_crop", f"expected true/false or one of {', '.join(FUNDUS_CROPS)}, got {crop!r}")
     pre.get("normalization", str, "mean_std", choices=("mean_std", "per_image"))
     pre.get("resize", str, "resize_crop", choices=("resize_crop", "pad_canvas", "squash"))
+    pre.get("jpeg_draft", bool, False)
+    pre.get("decoder", str, "pil", choices=("pil", "nvjpeg"))
     try:
         Preprocess().with_hints(pre.data)
     except (TypeError, ValueError) as exc:

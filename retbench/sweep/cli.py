@@ -40,8 +40,8 @@ examples:
   retbench sweep examples/sweeps/slurm.yaml --no-wait      # submit a Slurm array and return
   retbench sweep examples/sweeps/slurm.yaml --status       # done / running / queued / failed / pending
   retbench sweep --status --results-dir /shared/results    # every sweep recorded in a store
-grid keys: name, models, tasks, protocols, seeds, shots, data_root, results_dir, cache_dir, device,
-  batch_size, num_workers, skip_bad_images, retries, lock_timeout_s, leaderboard, env, executor
+grid keys: name, models, tasks, protocols, seeds, shots, data_root, results_dir, cache_dir, pixel_cache,
+  device, batch_size, num_workers, skip_bad_images, retries, lock_timeout_s, leaderboard, env, executor
   (kind: debug|local|slurm, parallel, timeout_min, gpus, cpus, mem_gb, partition, account, qos,
   constraint, job_name, setup, sbatch, max_requeues, signal_delay_s, log_dir, poll_s)."""
 
@@ -69,6 +69,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, help="jobs at once (local processes; Slurm array parallelism)")
     p.add_argument("--retries", type=int, help="retry a failed job up to N times (default: the grid's, else 2)")
     p.add_argument("--overwrite", action="store_true", help="recompute the results that exist when the sweep starts (each once)")
+    p.add_argument("--no-pixel-cache", action="store_true",
+                   help="jobs neither read nor write the cache of preprocessed pixels (also $RETBENCH_NO_PIXEL_CACHE=1, "
+                   "or pixel_cache: false in the grid); results are the same either way")
     p.add_argument("--no-wait", action="store_true", help="submit and return (Slurm); run again or --status later")
     p.add_argument("--leaderboard", metavar="DIR", help="write leaderboards into DIR at the end (default: the grid's)")
     add_tasks_path_argument(p)
@@ -84,6 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _status_of_store(Path(args.results_dir or "results"), args)
     grid = with_overrides(load_grid(args.grid), results_dir=args.results_dir, data_root=args.data_root,
                           cache_dir=args.cache_dir, retries=args.retries, leaderboard=args.leaderboard,
+                          pixel_cache=False if getattr(args, "no_pixel_cache", False) else None,
                           executor_kind=args.executor, executor_parallel=args.parallel)
     if args.status:
         return _print_status(grid, args)

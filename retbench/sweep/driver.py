@@ -76,7 +76,7 @@ def job_settings(grid: Grid) -> JobSettings:
         data_root=str(Path(data_root).expanduser().resolve()) if data_root else None,
         cache_dir=str(Path(grid.cache_dir or default_cache_dir()).expanduser().resolve()),
         device=grid.device, batch_size=grid.batch_size, num_workers=grid.num_workers, seeds=grid.seeds,
-        shots=grid.shots, skip_bad_images=grid.skip_bad_images, lock_timeout_s=grid.lock_timeout_s,
+        shots=grid.shots, skip_bad_images=grid.skip_bad_images, pixel_cache=grid.pixel_cache, lock_timeout_s=grid.lock_timeout_s,
         env=env)
 
 

@@ -83,6 +83,7 @@ class Grid:
     batch_size: int | None = None
     num_workers: int | None = None
     skip_bad_images: bool = False
+    pixel_cache: bool = True  # jobs read/write <cache_dir>/pixels (false, --no-pixel-cache: bypass it)
     retries: int = 2  # a failed job is run again up to this many times (1 + retries attempts)
     lock_timeout_s: float = 600.0  # a job lock not refreshed for this long (heartbeat every 30 s) is stale
     leaderboard: str | None = None  # write leaderboards here when the sweep ends
@@ -233,6 +234,10 @@ def parse_grid(data: Any, file: str = "<grid>") -> Grid:
     for key in ("batch_size", "num_workers", "retries"):
         if data.get(key) is not None:
             kw[key] = _opt_int(file, key, data[key], minimum=1 if key == "batch_size" else 0)
+    if data.get("pixel_cache") is not None:
+        if not isinstance(data["pixel_cache"], bool):
+            raise _fail(file, "pixel_cache", f"expected true or false, got {data['pixel_cache']!r}")
+        kw["pixel_cache"] = data["pixel_cache"]
     if data.get("skip_bad_images") is not None:
         if not isinstance(data["skip_bad_images"], bool):
             raise _fail(file, "skip_bad_images", f"expected true or false, got {data['skip_bad_images']!r}")

@@ -46,6 +46,7 @@ class JobSettings:
     seeds: int | None = None
     shots: tuple[int, ...] | None = None
     skip_bad_images: bool = False
+    pixel_cache: bool = True
     lock_timeout_s: float = 600.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -147,7 +148,8 @@ class SweepJob(submitit.helpers.Checkpointable):
         config = RunConfig(models=(self.job.model,), tasks=(self.job.task,), protocols=tuple(protocols),
                            data_root=s.data_root, results_dir=s.results_dir, cache_dir=s.cache_dir, device=s.device,
                            weights=self.job.weights, batch_size=s.batch_size, num_workers=s.num_workers,
-                           overwrite=True, skip_bad_images=s.skip_bad_images, shots=s.shots, seeds=s.seeds)
+                           overwrite=True, skip_bad_images=s.skip_bad_images, shots=s.shots, seeds=s.seeds,
+                           pixel_cache=s.pixel_cache)
 
         def on_result(result: Result) -> None:
             if result.status == "done":
