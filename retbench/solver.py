@@ -92,6 +92,9 @@ def large_c_factor(C: torch.Tensor) -> torch.Tensor:
     return (1.0 / C).clamp(max=1.0)
 
 
+LO_MIN_SPREAD = 1e-2
+"""Single-precision Hessian products only when every standardised feature's spread on each problem's rows is at
+least this fraction of its spread over all rows (else float32 rounding, scaled up by the z-score, dominates)."""
 TOL = 1e-5
 """Default gradient tolerance of :func:`fit_logistic` (scikit-learn's is 1e-4), scaled per problem by :func:`large_c_factor`."""
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
@@ -207,8 +210,10 @@ class _Solve:
         # Hessian-vector products on CPU in single precision: they only shape the Newton direction, while the
         # gradient and objective, which decide where the solve ends, stay in double. The products with the
         # feature matrix are 80-90% of a CPU solve and memory-bound; halving the bytes halved the solve
-        # (eye4class classical features, 40 problems: 23-28 s → 12 s at load 5) at the same answers.
-        self.lo = dtype == torch.float64
+        # (eye4class classical features, 40 problems: 23-28 s → 12 s at load 5) at the same answers. Not when a
+        # problem z-scores a feature that barely varies on its rows (few-shot supports of a handful of images):
+        # there float32's rounding of the global rows, divided by that tiny spread, would swamp the direction.
+        self.lo = dtype == torch.float64 and (not standardize or bool((var.sqrt() >= LO_MIN_SPREAD).all()))
         self.x0_lo = self.x0.float() if self.lo else self.x0
         self.x0t_lo = self.x0t.float() if self.lo else self.x0t
         onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
