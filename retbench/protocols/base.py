@@ -235,11 +235,13 @@ def choose_solver(device: torch.device, n_problems: int, n_rows: int, n_features
     eye4class features (figures in the README's Benchmarks section). On CPU, scikit-learn time ÷
     torch time for the fastest scikit-learn way that reached equal ACA: the 4-class C search
     (5 seeds × 8 C, ~1,300 × 712) 3.8× slower; on 64 features 1.9× (lbfgs path; newton-cholesky
-    2.5×); on 150 rows 0.9×; binary 0.78×; the few-shot sweep (50 problems of 4-64 rows) 0.75×; a
-    5-problem refit 0.77×. Where scikit-learn led, it led by less than the run-to-run spread on the
-    shared 2-core machine it was measured on (load 4-8), while switching would move stored results
-    by up to that 0.005 for seconds of gain; so ``auto`` keeps the batched torch solver on CPU as on
-    a GPU (where it batches over every problem in float32). ``sklearn-lbfgs`` stays selectable.
+    2.5×); on 150 rows 0.9×; binary 0.78×; a 5-problem refit 0.77×; the few-shot sweep (50 problems of
+    4-64 rows, C = 1) ~0.8×, where torch also leaves one 64-row problem 0.0065 from the converged ACA
+    (as before this change; lbfgs to tol 1e-6 reached 0.0032). Where scikit-learn led, it led by
+    seconds, within the run-to-run spread of the shared 2-core machine it was measured on (load
+    4-8), and switching would move stored results by up to 0.005; so ``auto`` keeps the batched
+    torch solver on CPU as on a GPU (where it batches over every problem in float32; not measured
+    here). ``sklearn-lbfgs`` stays selectable.
     """
     return "torch"
 
