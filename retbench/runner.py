@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from retbench.spec import TaskSpec
 from retbench.stats import summarize
 from retbench.store import result_path, stale_reason, write_result
 from retbench.tasks import get_task
+from retbench.timing import collect, timed, timed_calls
 
 SCHEMA_VERSION = 1
 IMAGE = "image"
@@ -128,12 +130,30 @@ class FeatureSource:
                 return hit
         use_pixels = self.config.use_cache and self.config.pixel_cache  # --no-cache: no cache of any kind
         pixels = PixelCache(Path(self.config.cache_dir) / "pixels") if use_pixels else None
-        feats = extract(self.adapter, ex, self.preprocess, joint, self.config.batch_size,
-                        self.config.num_workers, self.config.skip_bad_images, pixels)
+        with _forward_timed(self.adapter), timed("extract_wall_s"):
+            feats = extract(self.adapter, ex, self.preprocess, joint, self.config.batch_size,
+                            self.config.num_workers, self.config.skip_bad_images, pixels)
         feats.key = key
         if self.config.use_cache:
             cache.save(key, feats, {"model": self.adapter.name, "task": spec.name, "joint": joint})
         return feats
+
+
+@contextmanager
+def _forward_timed(adapter: Adapter) -> Iterator[None]:
+    """The adapter's image encoders timed as section ``forward_s`` while the block runs (then restored)."""
+    names = [n for n in ("encode_image", "encode_image_joint") if hasattr(adapter, n)]
+    own = {n: adapter.__dict__[n] for n in names if n in adapter.__dict__}
+    for n in names:
+        setattr(adapter, n, timed_calls(getattr(adapter, n), "forward_s"))
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in own:
+                setattr(adapter, n, own[n])
+            else:
+                delattr(adapter, n)
 
 
 def text_encoder(adapter: Adapter) -> Callable[[list[str]], np.ndarray] | None:
@@ -312,17 +332,32 @@ def run_protocol(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSou
         zero_shot=adapter.zero_shot_setup(spec) if adapter.has_text and spec.kind == "classification" else None,
         data=task.data,
     )
+    begun = start = time.perf_counter()
+    with collect() as sections:
+        output = protocol.run(ctx)
+        total = time.perf_counter() - start
+        _check_output(protocol, spec, output)
+        n_test = output.n_test if output.n_test is not None else int(ctx.valid()[task.splits["test"]].sum())
+        used = dict(sorted(use.used.items()))
+        timings = {"extract_s": use.seconds, "features_from_cache": all(f.from_cache for f in used.values()),
+                   "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - use.seconds}
+        data = _result_dict(adapter, task, sources, protocol, output, n_test, used, config, device, timings)
+    timings.update(_sections(sections))
     start = time.perf_counter()
-    output = protocol.run(ctx)
-    total = time.perf_counter() - start
-    _check_output(protocol, spec, output)
-    n_test = output.n_test if output.n_test is not None else int(ctx.valid()[task.splits["test"]].sum())
-    used = dict(sorted(use.used.items()))
-    timings = {"extract_s": use.seconds, "features_from_cache": all(f.from_cache for f in used.values()),
-               "extract_s_original": sum(f.seconds for f in used.values()), "fit_s": total - use.seconds}
-    data = _result_dict(adapter, task, sources, protocol, output, n_test, used, config, device, timings)
     data = write_result(path, data)  # as stored: paths portable
+    # the file cannot hold the time of its own writing: these two live in the returned result only
+    data["timings"] = {**data["timings"], "write_s": time.perf_counter() - start,
+                       "total_s": time.perf_counter() - begun}
     return Result(data, path)
+
+
+def _sections(sections: dict[str, float]) -> dict[str, float]:
+    """The stored profile of one protocol run: ``decode_s`` (feature extraction outside the model: reading,
+    decoding, preprocessing, batching, caching), ``forward_s`` (the model), ``probe_fit_s`` (probe solves)
+    and ``bootstrap_s`` (summaries and their confidence intervals); zeros where nothing ran."""
+    forward = sections.get("forward_s", 0.0)
+    return {"decode_s": max(sections.get("extract_wall_s", 0.0) - forward, 0.0), "forward_s": forward,
+            "probe_fit_s": sections.get("probe_fit_s", 0.0), "bootstrap_s": sections.get("bootstrap_s", 0.0)}
 
 
 def _check_output(protocol: EvaluationProtocol, spec: TaskSpec, output: ProtocolOutput) -> None:
@@ -342,6 +377,8 @@ def _result_dict(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSou
     resampling = Resampling.of(spec, task.examples)
     scored = [i for r in output.runs if r.predictions is not None for i in r.predictions.index]
     keys = {f"{side}:{'joint' if joint else 'features'}": f.key for (side, joint), f in used.items()}
+    with timed("bootstrap_s"):
+        summaries = _summaries(protocol, output, spec, resampling)
     return {
         "schema": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -351,7 +388,7 @@ def _result_dict(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSou
         "preprocess": ({side: s.preprocess.to_dict() for side, s in sources.items()} if spec.kind == "retrieval"
                        else sources[IMAGE].preprocess.to_dict()),
         "primary_metric": spec.primary_metric,
-        **_summaries(protocol, output, spec, resampling),
+        **summaries,
         **({"resampling": resampling.to_dict(scored)} if scored else {}),
         "data": _data_summary(task, n_test, used, output.notes),
         "runs": [r.to_dict() for r in output.runs],

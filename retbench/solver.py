@@ -34,7 +34,7 @@ class LinearModels:
     bias: torch.Tensor  # (B, K)
     n_iter: int
     max_grad: torch.Tensor  # (B,) largest |gradient| of each problem's normalised objective at the end
-    tol: float = 1e-5
+    tol: float | torch.Tensor = 1e-5  # the gradient tolerance, per problem (B,) when it depends on C
     internal: tuple[torch.Tensor, torch.Tensor] | None = None  # solver-space parameters, for warm starts
 
     @property
@@ -77,6 +77,26 @@ def standardizer(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> tupl
     return mean_c + centre, var.clamp(min=0).sqrt().clamp(min=eps)
 
 
+def large_c_factor(C: torch.Tensor) -> torch.Tensor:
+    """Per-problem multiplier of the gradient tolerance: ``min(1, 1 / C)``.
+
+    The penalty's curvature, ``1 / (C Σ w)`` in the normalised objective, is all that bounds
+    how far a small gradient can leave the weights from the optimum along flat directions of
+    the data term (near-separable classes, more features than rows). With one tolerance for
+    every C, weakly regularised problems stopped early: at C = 100 on classical eye4class
+    features a gradient of 1e-5 left the validation ACA 0.0064 from the converged answer
+    (scikit-learn ``newton-cg``, tol 1e-10). Scaling the tolerance by ``1 / C`` above C = 1
+    costs a few Newton steps (they converge quadratically there) and keeps every C within
+    0.005 of the converged ACA (``tests/test_solver.py``).
+    """
+    return (1.0 / C).clamp(max=1.0)
+
+
+LO_MIN_SPREAD = 1e-2
+"""Single-precision Hessian products only when every standardised feature's spread on each problem's rows is at
+least this fraction of its spread over all rows (else float32 rounding, scaled up by the z-score, dominates)."""
+TOL = 1e-5
+"""Default gradient tolerance of :func:`fit_logistic` (scikit-learn's is 1e-4), scaled per problem by :func:`large_c_factor`."""
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 MAX_BACKTRACK = 40
 MAX_CG = 250  # conjugate-gradient steps per Newton step (scikit-learn's newton-cg: 200)
@@ -91,7 +111,7 @@ def fit_logistic(
     n_classes: int,
     standardize: bool = False,
     max_iter: int = 3000,
-    tol: float = 1e-5,
+    tol: float = TOL,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LinearModels:
     """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused).
@@ -115,7 +135,8 @@ def fit_logistic(
         m = _Solve(x, y, weights[first], C.to(weights.device)[first], n_classes, standardize).run(
             max_iter, tol, sub_init)
         internal = None if m.internal is None else (m.internal[0][inverse], m.internal[1][inverse])
-        return LinearModels(m.weight[inverse], m.bias[inverse], m.n_iter, m.max_grad[inverse], tol, internal)
+        tol_b = m.tol[inverse] if isinstance(m.tol, torch.Tensor) else m.tol
+        return LinearModels(m.weight[inverse], m.bias[inverse], m.n_iter, m.max_grad[inverse], tol_b, internal)
 
 
 class _Consts:
@@ -154,6 +175,7 @@ class _Solve:
         dev = self.device = x.device
         weights, C, y = weights.to(dev, dtype), C.to(dev, dtype), y.to(dev)
         self.B, self.D = len(C), x.shape[1]
+        self.C = C
         self.binary = n_classes == 2
         self.Kp = 1 if self.binary else n_classes  # one coefficient vector for two classes, as scikit-learn
         rows = (weights > 0).any(0).nonzero().squeeze(1)  # rows no problem uses never enter a product
@@ -185,20 +207,34 @@ class _Solve:
         self.pen = torch.cat([2 * reg[:, None] * g**2, 0 * ones], 1).T.contiguous()
         self.x0 = torch.cat([x0, torch.ones(N, 1, device=dev, dtype=dtype)], 1)  # (N, D1)
         self.x0t = self.x0.T.contiguous()
+        # Hessian-vector products on CPU in single precision: they only shape the Newton direction, while the
+        # gradient and objective, which decide where the solve ends, stay in double. The products with the
+        # feature matrix are 80-90% of a CPU solve and memory-bound; halving the bytes halved the solve
+        # (eye4class classical features, 40 problems: 23-28 s → 12 s at load 5) at the same answers. Not when a
+        # problem z-scores a feature that barely varies on its rows (few-shot supports of a handful of images):
+        # there float32's rounding of the global rows, divided by that tiny spread, would swamp the direction.
+        self.lo = dtype == torch.float64 and (not standardize or bool((var.sqrt() >= LO_MIN_SPREAD).all()))
+        self.x0_lo = self.x0.float() if self.lo else self.x0
+        self.x0t_lo = self.x0t.float() if self.lo else self.x0t
         onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
         self.onehot = onehot[:, :, 1:] if self.binary else onehot
 
     # ---------------------------------------------------------------- model maps
-    def logits(self, th: torch.Tensor, k: _Consts) -> torch.Tensor:
-        """Solver coordinates (D1, n, Kp) → logits (N, n, Kp)."""
+    def logits(self, th: torch.Tensor, k: _Consts, lo: bool = False) -> torch.Tensor:
+        """Solver coordinates (D1, n, Kp) → logits (N, n, Kp); ``lo``: the product in single precision."""
         D1, n, Kp = th.shape
         U = th * k.a
-        return (self.x0 @ U.reshape(D1, n * Kp)).view(self.N, n, Kp).sub_((U * k.shift).sum(0))
+        flat = U.reshape(D1, n * Kp)
+        L = (self.x0_lo @ flat.float()).to(th.dtype) if lo and self.lo else self.x0 @ flat
+        return L.view(self.N, n, Kp).sub_((U * k.shift).sum(0))
 
-    def back(self, R: torch.Tensor, k: _Consts) -> torch.Tensor:
+    def back(self, R: torch.Tensor, k: _Consts, lo: bool = False) -> torch.Tensor:
         """Logit gradients R (N, n, Kp) → gradient in solver coordinates (data term)."""
         N, n, Kp = R.shape
-        G = (self.x0t @ R.reshape(N, n * Kp)).view(-1, n, Kp)
+        if lo and self.lo:
+            G = (self.x0t_lo @ R.reshape(N, n * Kp).float()).to(R.dtype).view(-1, n, Kp)
+        else:
+            G = (self.x0t @ R.reshape(N, n * Kp)).view(-1, n, Kp)
         return G.sub_(k.shift * G[-1:]).mul_(k.a)  # the last row of G is ΣR, the intercept gradient
 
     def value(self, th: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +258,13 @@ class _Solve:
 
     def hvp(self, v: torch.Tensor, prob: torch.Tensor, k: _Consts) -> torch.Tensor:
         """Hessian-vector products at the points with probabilities ``prob``."""
-        dL = self.logits(v, k)
+        dL = self.logits(v, k, lo=True)
         if self.binary:
             R = dL.mul_(prob * (1 - prob))
         else:
             pdl = dL.mul_(prob)
             R = pdl.sub_(prob * pdl.sum(2, keepdim=True))
-        return self.back(R.mul_(k.wt), k).add_(k.pen * v)
+        return self.back(R.mul_(k.wt), k, lo=True).add_(k.pen * v)
 
     # ---------------------------------------------------------------- Newton-CG
     def run(self, max_iter: int, tol: float, init: tuple[torch.Tensor, torch.Tensor] | None) -> LinearModels:
@@ -239,7 +275,8 @@ class _Solve:
         prob = self.probabilities(L)
         grad, gmax, gl1 = self.gradient(th, prob, allk)
         n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-        active = gmax > tol
+        tol_b = tol * large_c_factor(self.C)
+        active = gmax > tol_b
         while bool(active.any()):
             idx = active.nonzero().squeeze(1)
             k = _Consts(self, idx)
@@ -258,8 +295,8 @@ class _Solve:
             th[:, idx], f[idx], prob[:, idx] = th_new, f_new, p_new
             grad[:, idx], gmax[idx], gl1[idx] = g_new, gmax_new, gl1_new
             n_iter[idx] += 1
-            active[idx] = (gmax_new > tol) & ~stalled & (n_iter[idx] < max_iter)
-        return self._models(th, int(n_iter.max()), gmax, tol)
+            active[idx] = (gmax_new > tol_b[idx]) & ~stalled & (n_iter[idx] < max_iter)
+        return self._models(th, int(n_iter.max()), gmax, tol_b)
 
     def _direction(self, grad: torch.Tensor, gl1: torch.Tensor, prob: torch.Tensor, k: _Consts) -> torch.Tensor:
         """Newton steps: conjugate gradients on H d = -g to relative residual min(0.5, √‖g‖₁) (as scikit-learn)."""
@@ -333,7 +370,7 @@ class _Solve:
             return th
         return torch.cat([W0.permute(1, 0, 2), c0[None]], 0) / self.g[:, :, None]
 
-    def _models(self, th: torch.Tensor, n_iter: int, max_grad: torch.Tensor, tol: float) -> LinearModels:
+    def _models(self, th: torch.Tensor, n_iter: int, max_grad: torch.Tensor, tol: torch.Tensor) -> LinearModels:
         """Weights and intercepts in the original feature space (binary: ± half the logit, as softmax of two)."""
         U = th * self.a[:, :, None]  # (D1, B, Kp), x0 units
         bias = U[-1] - (U * self.shift[:, :, None]).sum(0)

@@ -3,7 +3,7 @@
 Layers, lowest first. A module may import modules of its own layer and of the layers below it, never above.
 Every import counts: at module level, inside functions (lazy) and under ``TYPE_CHECKING``.
 
-0. foundation      errors, atomic_files, registry, config, determinism, environment, progress, solver, metrics,
+0. foundation      errors, atomic_files, registry, config, determinism, environment, progress, solver, timing, metrics,
                    weighted_metrics, resampling, stats, and the ``retbench.protocols`` package itself (the registry of
                    protocol names, whose protocols load lazily by name; the protocols proper are layer 4)
 1. spec and data   spec/, tasks, preprocess, data/, weights, text_tokenizers, text_towers, local_model_format
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("retbench.errors", "retbench.atomic_files", "retbench.registry", "retbench.config",
-                    "retbench.determinism", "retbench.environment", "retbench.progress", "retbench.solver",
+                    "retbench.determinism", "retbench.environment", "retbench.progress", "retbench.solver", "retbench.timing",
                     "retbench.metrics", "retbench.weighted_metrics", "retbench.resampling", "retbench.stats",
                     "retbench.protocols")),
     ("spec and data", ("retbench.spec", "retbench.spec.*", "retbench.tasks", "retbench.preprocess", "retbench.data",

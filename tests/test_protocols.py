@@ -341,3 +341,25 @@ def test_retfound_preset_reports_its_metric_set(tiny_data) -> None:
     probe = dataclasses.replace(LINEAR_PROBE_RETFOUND, Cs=(1.0,), seeds=(0,))
     (run,) = probe.run(_context(tiny_data, feats)).runs
     assert tuple(run.metrics) == (*RETFOUND_METRICS, "aca")  # the preset's set plus the task's primary metric
+
+
+def test_profile_table_and_stored_timings(tiny, capsys) -> None:
+    """``retbench run --profile`` prints where the time went per model; the result stores the same sections and
+    the solver that ran; writing and the total live in the returned result only."""
+    from retbench.cli import main
+
+    spec_path, base = tiny
+    results = base / "profile_results"
+    argv = ["run", "-m", "tinyclip", "-t", str(spec_path), "-p", "linear_probe", "--seeds", "2", "--data-root",
+            str(base / "data"), "--results-dir", str(results), "--cache-dir", str(base / "profile_cache"), "--device",
+            "cpu", "--workers", "1", "--profile"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for header in ("decode + preprocess", "forward", "probe fits", "summary + bootstrap", "writing", "wall time"):
+        assert header in printed
+    (path,) = results.rglob("*.json")
+    stored = json.loads(path.read_text())
+    timings = stored["timings"]
+    assert timings["forward_s"] > 0 and timings["decode_s"] >= 0 and timings["probe_fit_s"] > 0
+    assert timings["bootstrap_s"] > 0 and "write_s" not in timings
+    assert stored["protocol"]["settings"]["solver"]["backend"] == "torch"

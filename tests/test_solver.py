@@ -137,3 +137,86 @@ def test_standardizer_uses_masked_rows_only() -> None:
     mean, std = standardizer(x, mask)
     np.testing.assert_allclose(mean.numpy(), [[2.0, 10.0]])
     np.testing.assert_allclose(std.numpy(), [[1.0, 1e-6]])  # population std; constant column clamped
+
+
+def weak_penalty_problem() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """4 classes, 400 fit rows × 150 features of which 12 informative: at C = 100 nearly separable, the hard case."""
+    x, y = make_classification(600, 150, n_informative=12, n_redundant=20, n_classes=4, weights=[0.4, 0.3, 0.2, 0.1],
+                               class_sep=0.8, flip_y=0.05, random_state=3)
+    return x * np.linspace(0.2, 5.0, 150), y, np.arange(400), np.arange(400, 600)
+
+
+def converged_aca(x, y, fit, test, C: float) -> tuple[float, np.ndarray]:
+    """scikit-learn newton-cg run to tol 1e-10: the converged answer."""
+    scaler = StandardScaler().fit(x[fit])
+    clf = LogisticRegression(C=C, class_weight="balanced", solver="newton-cg", tol=1e-10, max_iter=10000)
+    clf.fit(scaler.transform(x[fit]), y[fit])
+    proba = clf.predict_proba(scaler.transform(x[test]))
+    return balanced_accuracy_score(y[test], proba.argmax(1)), proba
+
+
+def test_large_c_reaches_the_converged_answer() -> None:
+    """Weak regularisation: the gradient tolerance shrinks as 1/C, so C = 100 lands within 0.005 ACA of the converged
+    answer (with one tolerance for every C it stopped 0.0064 away on real features)."""
+    x, y, fit, test = weak_penalty_problem()
+    for C in (10.0, 100.0):
+        ref_aca, ref = converged_aca(x, y, fit, test, C)
+        (got,) = solve_probes(x, y, 4, [Probe(fit, C, test)], CPU, balanced=True, standardize=True, solver="torch")
+        assert abs(balanced_accuracy_score(y[test], got.argmax(1)) - ref_aca) <= 0.005
+        np.testing.assert_allclose(got, ref, atol=5e-3)  # one tolerance for all C: 0.033 apart at C = 100
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    mask = torch.zeros(2, len(x), dtype=torch.float64)
+    mask[:, fit] = 1.0
+    models = fit_logistic(xt, yt, mask, torch.tensor([1.0, 100.0]), 4, standardize=True)
+    assert models.tol[1] == pytest.approx(models.tol[0] / 100)  # the per-problem tolerance, 1e-5 · min(1, 1/C)
+    assert bool(models.converged.all())
+
+
+def test_sklearn_backend_agrees_with_torch() -> None:
+    """Both solvers of solve_probes solve the same objective to the same tolerance: the same answers."""
+    x, y, fit, test = problem()
+    probes = [Probe(fit, C, test) for C in (0.01, 1.0, 100.0)] + [Probe(fit[:200], 1.0, test)]
+    ours: dict = {}
+    theirs: dict = {}
+    a = solve_probes(x, y, 3, probes, CPU, True, True, stats=ours, solver="torch")
+    b = solve_probes(x, y, 3, probes, CPU, True, True, stats=theirs, solver="sklearn-lbfgs")
+    assert (ours["backend"], theirs["backend"]) == ("torch", "sklearn-lbfgs")
+    for p, pa, pb in zip(probes, a, b, strict=True):
+        aca_a, aca_b = (balanced_accuracy_score(y[p.predict], q.argmax(1)) for q in (pa, pb))
+        assert abs(aca_a - aca_b) <= 0.005
+        np.testing.assert_allclose(pa, pb, atol=1e-2)
+
+
+def test_solver_choice() -> None:
+    from retbench.protocols.base import choose_solver
+
+    assert choose_solver(torch.device("cuda"), 65, 3000, 1024, 5) == "torch"
+    assert choose_solver(CPU, 65, 1300, 712, 4) in ("torch", "sklearn-lbfgs")
+    with pytest.raises(ValueError, match="unknown probe solver"):
+        solve_probes(*problem()[:2], 3, [Probe(np.arange(10), 1.0, np.arange(5))], CPU, True, True, solver="liblinear")
+    # a fit set missing a class goes to the torch solver, which keeps every class's column
+    x, y, fit, test = problem()
+    stats: dict = {}
+    (p,) = solve_probes(x, y, 3, [Probe(fit[y[fit] != 2], 1.0, test)], CPU, True, True, stats, solver="sklearn-lbfgs")
+    assert stats["backend"] == "torch" and p.shape == (200, 3)
+
+
+def test_timing_sections() -> None:
+    """Sections add up inside the innermost open collection and cost nothing outside one."""
+    from retbench.timing import collect, profile_rows, profile_table, timed, timed_calls
+
+    with timed("nowhere"):
+        pass
+    with collect() as outer:
+        with collect() as inner:
+            timed_calls(lambda: sum(range(1000)), "forward_s")()
+            x, y, fit, test = problem()
+            solve_probes(x, y, 3, [Probe(fit, 1.0, test)], CPU, True, True)
+        with timed("write_s"):
+            pass
+    assert set(inner) == {"forward_s", "probe_fit_s"} and inner["probe_fit_s"] > 0
+    assert set(outer) == {"write_s"}
+    timings = [("m", {"probe_fit_s": 1.0, "total_s": 4.0}), ("m", {"forward_s": 2.0, "total_s": 2.0})]
+    (row,) = profile_rows(timings)
+    assert row[0] == "m" and row[1] == 2 and row[-1] == 6.0 and row[-2] == 3.0  # other = total - sections
+    assert "probe fits" in profile_table(timings)

@@ -12,7 +12,9 @@ import csv
 import io
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -126,6 +128,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      "fp16 autocast, FLAIR's fp32), or fp32 / fp16 / bf16 autocast for every model; CPU always runs "
                      "fp32. The precision used is recorded in each result (model.precision)")
     run.add_argument("--leaderboard", metavar="DIR", help="afterwards, write leaderboards into DIR")
+    run.add_argument("--profile", action="store_true",
+                     help="afterwards, print where the time went per model: decode + preprocess, forward, probe fits, "
+                     "summary + bootstrap, writing (the same figures are stored in each result's timings)")
     add_tasks_path_argument(run)
 
 
@@ -158,7 +163,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         shots=tuple(args.shots) if args.shots else None, seeds=args.seeds,
         precision=args.precision,
     )
+    started = time.perf_counter()
     results = run(config, on_result=_print_result)
+    wall = time.perf_counter() - started
     done = sum(r.status == "done" for r in results)
     existing = sum(r.status == "existing" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
@@ -172,7 +179,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for path in write_leaderboards(Path(config.results_dir), Path(args.leaderboard)):
             err.print(f"leaderboard: {path}")
+    if getattr(args, "profile", False):
+        _print_profile(results, wall)
     return 0
+
+
+def _print_profile(results: list[Any], wall: float) -> None:
+    """``--profile``: seconds per model and section over the results this run wrote, and the rest of the run."""
+    from retbench.timing import profile_table
+
+    timed = [(r.data["model"]["name"], r.data["timings"]) for r in results if r.status == "done"]
+    if not timed:
+        err.print("profile: no result was computed in this run (existing results are skipped; --overwrite recomputes)")
+        return
+    out.print(profile_table(timed), highlight=False, soft_wrap=True)
+    inside = sum(t.get("total_s", 0.0) for _, t in timed)
+    out.print(f"wall time {wall:.2f} s: {inside:.2f} s in the {len(timed)} results above, {max(wall - inside, 0):.2f} s "
+              "outside them (loading tasks and models, imports, skipped work); features come from the first result "
+              "of a task that reads them (cached after)", highlight=False, soft_wrap=True)
 
 
 def _print_result(result: object) -> None:

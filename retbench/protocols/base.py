@@ -23,6 +23,7 @@ from retbench.progress import progress_bar
 from retbench.registry import Contract
 from retbench.resampling import Interval, RunPredictions
 from retbench.solver import balanced_weights, fit_logistic
+from retbench.timing import timed
 
 if TYPE_CHECKING:
     from retbench.adapters import ZeroShotSetup
@@ -222,20 +223,65 @@ class Probe:
     predict: np.ndarray
 
 
+SOLVERS = ("auto", "torch", "sklearn-lbfgs")
+"""Probe solvers :func:`solve_probes` takes: ``auto`` (:func:`choose_solver`), the batched torch Newton-CG of
+:mod:`retbench.solver`, or a loop of scikit-learn ``LogisticRegression(solver="lbfgs")`` fits."""
+
+def choose_solver(device: torch.device, n_problems: int, n_rows: int, n_features: int, n_classes: int) -> str:
+    """The probe solver ``auto`` runs for ``n_problems`` on ``n_rows`` × ``n_features`` with ``n_classes``.
+
+    Chosen by measurement, at equal answers (every problem's ACA within 0.005 of scikit-learn
+    ``newton-cg`` run to tol 1e-10), one thread each, ``benchmarks/solver_sizes.py`` on classical
+    eye4class features (figures in the README's Benchmarks section). On CPU, scikit-learn time ÷
+    torch time for the fastest scikit-learn way that reached equal ACA: the 4-class C search
+    (5 seeds × 8 C, ~1,300 × 712) 3.8× slower; on 64 features 1.9× (lbfgs path; newton-cholesky
+    2.5×); on 150 rows 0.9×; binary 0.78×; a 5-problem refit 0.77×; the few-shot sweep (50 problems of
+    4-64 rows, C = 1) ~0.8×, where torch also leaves one 64-row problem 0.0065 from the converged ACA
+    (as before this change; lbfgs to tol 1e-6 reached 0.0032). Where scikit-learn led, it led by
+    seconds, within the run-to-run spread of the shared 2-core machine it was measured on (load
+    4-8), and switching would move stored results by up to 0.005; so ``auto`` keeps the batched
+    torch solver on CPU as on a GPU (where it batches over every problem in float32; not measured
+    here). ``sklearn-lbfgs`` stays selectable.
+    """
+    return "torch"
+
+
 def solve_probes(
     x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Probe], device: torch.device,
-    balanced: bool, standardize: bool, stats: dict[str, Any] | None = None,
+    balanced: bool, standardize: bool, stats: dict[str, Any] | None = None, solver: str = "auto",
 ) -> list[np.ndarray]:
-    """Fit all ``probes`` batched; return each one's probabilities on its predict rows.
+    """Fit all ``probes``; return each one's probabilities on its predict rows.
 
-    Problems are solved in batches of equal C, in increasing C; a problem whose fit rows were
-    already fitted at a smaller C starts from that solution (a warm-started regularisation path:
-    strongly regularised problems converge fast and hand on a good start — a cold solve of weak
-    regularisation on separable features can take thousands of iterations). ``stats``, when
-    given, receives the solver's iteration count and how many problems did not converge.
+    ``solver`` (one of :data:`SOLVERS`) picks the method; ``auto`` asks :func:`choose_solver`. Both
+    solve the same objective (scikit-learn's, class-balanced when ``balanced``, on features
+    z-scored with the fit rows' statistics when ``standardize``) to the same gradient tolerance,
+    1e-5 × min(1, 1 / C) (:func:`retbench.solver.large_c_factor`). Problems are solved in batches
+    of equal C, in increasing C; a problem whose fit rows were already fitted at a smaller C starts
+    from that solution (a warm-started regularisation path: strongly regularised problems converge
+    fast and hand on a good start — a cold solve of weak regularisation on separable features can
+    take thousands of iterations). ``stats``, when given, receives the solver that ran, its
+    iteration count and how many problems did not converge.
     """
     if not probes:
         return []
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown probe solver {solver!r} (one of {', '.join(SOLVERS)})")
+    if solver == "auto":
+        n_rows = len(np.unique(np.concatenate([np.asarray(p.fit) for p in probes])))
+        solver = choose_solver(device, len(probes), n_rows, x.shape[1], n_classes)
+    if solver != "torch" and any(len(np.unique(y[np.asarray(p.fit)])) < n_classes for p in probes):
+        solver = "torch"  # scikit-learn fits only the classes present; the torch solver keeps every column
+    if stats is not None:
+        stats["backend"] = solver
+    with timed("probe_fit_s"):
+        if solver == "sklearn-lbfgs":
+            return _solve_sklearn(x, y, n_classes, probes, balanced, standardize, stats)
+        return _solve_torch(x, y, n_classes, probes, device, balanced, standardize, stats)
+
+
+def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Probe], device: torch.device,
+                 balanced: bool, standardize: bool, stats: dict[str, Any] | None) -> list[np.ndarray]:
+    """The probes with the batched torch solver, in batches of equal C along warm-started C paths."""
     xt = torch.as_tensor(x, device=device)
     yt = torch.as_tensor(y, device=device)
     out: list[np.ndarray | None] = [None] * len(probes)
@@ -253,6 +299,51 @@ def solve_probes(
                 out[i] = torch.softmax(logits, dim=-1).cpu().numpy()
             advance(len(batch))
     return cast("list[np.ndarray]", out)  # the batches cover every probe, so no None is left
+
+
+def _solve_sklearn(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Probe], balanced: bool,
+                   standardize: bool, stats: dict[str, Any] | None) -> list[np.ndarray]:
+    """The probes as a loop of scikit-learn lbfgs fits (one BLAS thread), warm-started along each fit set's C path."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from retbench.solver import TOL
+
+    out: list[np.ndarray | None] = [None] * len(probes)
+    fitted: dict[bytes, Any] = {}  # fit rows → (mean, scale, the last model fitted on them)
+    iterations = unconverged = 0
+    with progress_bar(f"fit {len(probes)} probes", len(probes)) as advance, threadpool_limits(1):
+        for batch in _batches_by_c(probes):
+            for i in batch:
+                p = probes[i]
+                fit, key = np.asarray(p.fit), np.asarray(p.fit).tobytes()
+                if key not in fitted:
+                    xf = x[fit].astype(np.float64)
+                    mean = xf.mean(0) if standardize else np.zeros(x.shape[1])
+                    scale = np.maximum(xf.std(0), 1e-6) if standardize else np.ones(x.shape[1])
+                    fitted[key] = [mean, scale, None]
+                mean, scale, previous = fitted[key]
+                clf = previous if previous is not None else LogisticRegression(
+                    class_weight="balanced" if balanced else None, warm_start=True)
+                clf.set_params(C=p.C, tol=TOL * min(1.0, 1.0 / p.C), max_iter=10000)  # as large_c_factor
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    clf.fit((x[fit] - mean) / scale, y[fit])
+                fitted[key][2] = clf
+                iterations += int(np.max(clf.n_iter_))
+                unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
+                proba = np.zeros((len(p.predict), n_classes))
+                proba[:, clf.classes_] = clf.predict_proba((x[np.asarray(p.predict)] - mean) / scale)
+                out[i] = proba
+            advance(len(batch))
+    if stats is not None:
+        stats["solver_iterations"] = stats.get("solver_iterations", 0) + iterations
+        stats["not_converged"] = stats.get("not_converged", 0) + unconverged
+        stats["problems"] = stats.get("problems", 0) + len(probes)
+    return cast("list[np.ndarray]", out)  # every probe was fitted, so no None is left
 
 
 @contextmanager
