@@ -182,11 +182,11 @@ def last_block_and_after(names: list[str]) -> list[str]:
     return [n for n, layer in ids.items() if layer >= top]
 
 
-def attention_projections(net: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Names of the ``nn.Linear`` attention projections LoRA wraps: modules under an ``attn``/``attention`` module
-    whose own name is one of ``targets``."""
+def attention_projections(encoder: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names (within ``encoder``) of the ``nn.Linear`` attention projections LoRA wraps: modules under an
+    ``attn``/``attention`` module whose own name is one of ``targets``."""
     out = []
-    for name, module in net.encoder.named_modules():
+    for name, module in encoder.named_modules():
         parts = name.split(".")
         if isinstance(module, nn.Linear) and parts[-1] in targets and any("attn" in p or "attention" in p for p in parts[:-1]):
             out.append(name)
@@ -199,7 +199,7 @@ def add_lora(net: FinetuneNet, recipe: FinetuneRecipe) -> dict[str, Any]:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:  # pragma: no cover - peft is in the finetune extra
         raise NotApplicableError("finetune.lora needs peft: pip install 'retbench[finetune]'") from None
-    targets = attention_projections(net, recipe.lora_targets)
+    targets = attention_projections(net.encoder, recipe.lora_targets)
     if not targets:
         raise NotApplicableError("finetune.lora: the image encoder has no nn.Linear attention projections "
                                  f"named {', '.join(recipe.lora_targets)}")
