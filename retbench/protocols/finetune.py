@@ -49,6 +49,7 @@ class Finetune:
     overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     kind: str = "classification"
     opt_in: bool = True  # runs on any classification task when asked for by name; never by default
+    trains: bool = True  # a sweep gives it a job of its own (model x task x protocol)
 
     @property
     def run_options(self) -> frozenset[str]:
