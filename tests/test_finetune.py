@@ -204,3 +204,16 @@ def test_lora_result_keeps_only_lora_and_head_weights(tiny) -> None:
     net = res.data["protocol"]["settings"]["network"]
     assert net["trainable_parameters"] == net["lora_parameters"] + net["head_parameters"]
     assert res.data["protocol"]["settings"]["recipe"]["lora_rank"] == 8
+
+
+def test_image_text_model_trains_only_its_image_path() -> None:
+    """A CLIP-style model (tinyclip): the text tower and projections get no gradient from the probe feature, so they
+    stay frozen and uncounted; the adapter's own network is a different object."""
+    from retbench.adapters import load_model
+
+    adapter = load_model("tinyclip")
+    built = build(adapter, 3, 64, recipe_for("full", "cpu"), seed=0)
+    trainable = [n for n, p in built.net.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("encoder.net.visual.", "head.")) for n in trainable)
+    assert built.report["trainable_parameters"] < built.report["parameters"]
+    assert built.net.encoder["net"] is not adapter.net

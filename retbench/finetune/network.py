@@ -87,7 +87,7 @@ def build(adapter: Adapter, n_classes: int, image_size: int, recipe: FinetuneRec
     nn.init.zeros_(net.head.bias)
     names = ["encoder." + n for n in reached]
     if recipe.mode == "lora":
-        report["lora"] = add_lora(net, recipe)
+        report["lora"] = add_lora(net, recipe, set(reached))
         trainable = [n for n, _ in net.named_parameters() if "lora_" in n]
     elif recipe.mode == "head":
         trainable = last_block_and_after(names)
@@ -193,13 +193,15 @@ def attention_projections(encoder: nn.Module, targets: tuple[str, ...]) -> list[
     return out
 
 
-def add_lora(net: FinetuneNet, recipe: FinetuneRecipe) -> dict[str, Any]:
-    """LoRA (peft) on the encoder's attention projections; returns what was wrapped."""
+def add_lora(net: FinetuneNet, recipe: FinetuneRecipe, reached: set[str]) -> dict[str, Any]:
+    """LoRA (peft) on the attention projections of the image path (``reached``: the parameter names the features
+    use, so a CLIP model's text tower gets none); returns what was wrapped. open_clip's fused
+    ``nn.MultiheadAttention`` exposes only ``out_proj`` as a Linear: its packed q/k/v projection is not wrapped."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:  # pragma: no cover - peft is in the finetune extra
         raise NotApplicableError("finetune.lora needs peft: pip install 'retbench[finetune]'") from None
-    targets = attention_projections(net.encoder, recipe.lora_targets)
+    targets = [t for t in attention_projections(net.encoder, recipe.lora_targets) if f"{t}.weight" in reached]
     if not targets:
         raise NotApplicableError("finetune.lora: the image encoder has no nn.Linear attention projections "
                                  f"named {', '.join(recipe.lora_targets)}")
