@@ -31,7 +31,7 @@ CITATIONS: dict[str, str] = {
     "blr": "main_finetune.py:55 (5e-3); lr = blr * batch / 256 (main_finetune.py:312)",
     "layer_decay": "main_finetune.py:57 (0.65); groups as util/lr_decay.py:17-23,62-74",
     "min_lr": "main_finetune.py:59 (1e-6)",
-    "warmup_epochs": "main_finetune.py:61 (10); per-iteration schedule engine_finetune.py:44, util/lr_sched.py:10-17",
+    "warmup_epochs": "main_finetune.py:61 (10); per-iteration schedule engine_finetune.py:44, util/lr_sched.py:10-19",
     "color_jitter": "main_finetune.py:65 (None)",
     "auto_augment": "main_finetune.py:67 ('rand-m9-mstd0.5-inc1'); train transform util/datasets.py:26-37",
     "label_smoothing": "main_finetune.py:69 (0.1); see the module docstring (applied as in f5ab012:309)",
