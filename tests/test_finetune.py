@@ -217,3 +217,19 @@ def test_image_text_model_trains_only_its_image_path() -> None:
     assert trainable and all(n.startswith(("encoder.net.visual.", "head.")) for n in trainable)
     assert built.report["trainable_parameters"] < built.report["parameters"]
     assert built.net.encoder["net"] is not adapter.net
+
+
+def test_mixup_and_cutmix_train_with_soft_targets(tmp_path: Path) -> None:
+    from retbench.adapters import load_model
+    from retbench.finetune.trainer import SplitPixels, train_seed
+
+    adapter = load_model("tinyclip")  # 64 px CNN: the cheapest network
+    recipe = recipe_for("full", "cpu", epochs=1, batch_size=4, mixup=0.8, cutmix=1.0, warmup_epochs=0)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (12, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    labels = np.array([0, 1, 2] * 4)
+    data = SplitPixels(images[:8], labels[:8], images[8:11], labels[8:11], images[11:])
+    built = build(adapter, 3, 64, recipe, seed=0)
+    r = train_seed(built, data, recipe, adapter.preprocess, 0, tmp_path, "f", torch.device("cpu"), 0, 3)
+    assert len(r.curve) == 1 and len(r.curve[0]["step_losses"]) == 2 and np.isfinite(r.curve[0]["train_loss"])
+    assert r.test_proba.shape == (1, 3) and (tmp_path / "best.safetensors").is_file()
