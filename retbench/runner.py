@@ -187,11 +187,15 @@ def load_task_data(name: str, root: str | None) -> TaskData:
     return TaskData(spec, examples, make_splits(spec, examples))
 
 def select_protocols(spec: TaskSpec, requested: tuple[str, ...]) -> list[str]:
-    """Requested protocols the task allows (default: the three standard ones; retrieval and VQA tasks: their own)."""
+    """Requested protocols the task allows (default: the three standard ones; retrieval and VQA tasks: their own).
+
+    A protocol marked ``opt_in`` (the ``finetune*`` protocols, which train) applies to every task of its kind when
+    asked for by name, without being listed in the task's spec, and never runs by default.
+    """
     wanted = requested or (DEFAULT_PROTOCOLS if spec.kind == "classification" else spec.protocols)
-    for p in wanted:
-        PROTOCOLS.get(p)  # unknown names fail with suggestions
-    return [p for p in wanted if p in spec.protocols]
+    found = {p: PROTOCOLS.get(p) for p in wanted}  # unknown names fail with suggestions
+    return [p for p in wanted if p in spec.protocols
+            or (requested and getattr(found[p], "opt_in", False) and found[p].kind == spec.kind)]
 
 
 def not_applicable_reason(spec: TaskSpec, protocol: str) -> str:
@@ -331,6 +335,8 @@ def run_protocol(adapter: Adapter, task: TaskData, sources: dict[str, FeatureSou
         # a model's zero-shot convention is for class prompts; VQA and retrieval protocols score their own texts
         zero_shot=adapter.zero_shot_setup(spec) if adapter.has_text and spec.kind == "classification" else None,
         data=task.data,
+        model=adapter, preprocess=sources[IMAGE].preprocess if IMAGE in sources else None,
+        artifacts=path.with_suffix(""), skip_bad_images=config.skip_bad_images,
     )
     begun = start = time.perf_counter()
     with collect() as sections:

@@ -9,7 +9,8 @@ Every import counts: at module level, inside functions (lazy) and under ``TYPE_C
 1. spec and data   spec/, tasks, preprocess, data/, weights, text_tokenizers, text_towers, local_model_format
 2. adapters        adapters (and any retbench/adapters*.py), model_adapters/ (installed as retbench.model_adapters)
 3. features, store features (image features, cached), pixel_cache (preprocessed pixels), gpu_decode
-                   (nvjpeg), store (the result store)
+                   (nvjpeg), store (the result store), finetune/ (the training machinery of the fine-tuning
+                   protocols)
 4. protocols       protocols/* (zero-shot, few-shot, linear probe, retrieval, VQA)
 5. runner          runner
 6. front ends      leaderboard/, cli/, sweep/, pretrain/, and the ``retbench`` package (its lazy ``evaluate``/``run``)
@@ -40,7 +41,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                        "retbench.data.*", "retbench.weights", "retbench.text_tokenizers", "retbench.text_towers",
                        "retbench.local_model_format")),
     ("adapters", ("retbench.adapters*", "retbench.model_adapters", "retbench.model_adapters.*")),
-    ("features, store", ("retbench.features", "retbench.pixel_cache", "retbench.gpu_decode", "retbench.store")),
+    ("features, store", ("retbench.features", "retbench.pixel_cache", "retbench.gpu_decode", "retbench.store",
+                         "retbench.finetune", "retbench.finetune.*")),
     ("protocols", ("retbench.protocols.*",)),
     ("runner", ("retbench.runner",)),
     ("front ends", ("retbench", "retbench.__main__", "retbench.leaderboard", "retbench.leaderboard.*", "retbench.cli",

@@ -122,6 +122,17 @@ def test_grid_errors_name_the_key(tmp_path: Path) -> None:
         expand_jobs(parse_grid({"models": ["classical", "classical.default"], "tasks": ["eye4class"]}, "g.yaml"))
 
 
+def test_a_protocol_that_trains_gets_a_job_of_its_own() -> None:
+    grid = parse_grid({"models": ["timm:resnet18"], "tasks": ["mx_dme_cfp_dr"],
+                       "protocols": ["linear_probe", "finetune", "few_shot", "finetune.lora"]}, "g.yaml")
+    jobs = expand_jobs(grid)
+    assert [(j.key, j.protocols) for j in jobs] == [
+        ("timm_resnet18__mx_dme_cfp_dr", ("linear_probe", "few_shot")),
+        ("timm_resnet18__mx_dme_cfp_dr__finetune", ("finetune",)),
+        ("timm_resnet18__mx_dme_cfp_dr__finetune.lora", ("finetune.lora",)),
+    ]
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_grids_expand(example: str) -> None:
     grid = load_grid(EXAMPLES / example)

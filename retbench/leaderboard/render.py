@@ -116,6 +116,10 @@ def _runs_phrase(board: Board) -> str:
     return text
 
 
+FINETUNE_RUNS = ("its runs (seeds) each train the network again: a seed re-initialises the head and re-draws data order, "
+                 "augmentations and (without a given val split) the validation carve, all scored on one test set; with "
+                 "one seed the interval holds only the test patients' sampling error")
+
 RUNS_MEANING = {
     "linear_probe": "its runs (seeds) differ only in the validation carve that picks C, so they share one test set "
                     "and are not replicates of it",
@@ -129,6 +133,9 @@ RUNS_MEANING = {
     "vqa.probe": "its runs (seeds) differ only in the validation carve that picks C, so they share one test set "
                  "and are not replicates of it",
     "vqa.zero_shot": "nothing is fitted: one run",
+    "finetune": FINETUNE_RUNS,
+    "finetune.head": FINETUNE_RUNS,
+    "finetune.lora": FINETUNE_RUNS,
 }
 
 

@@ -1,5 +1,6 @@
 """Evaluation protocols, registered by name: zero-shot, few-shot and linear probe for classification
-tasks; retrieval (``retrieval.*``) and closed-form VQA (``vqa.*``) protocols for those kinds of task.
+tasks, and fine-tuning (``finetune*``, opt-in: run only when asked for by name);
+retrieval (``retrieval.*``) and closed-form VQA (``vqa.*``) protocols for those kinds of task.
 
 Every entry satisfies :class:`retbench.protocols.base.EvaluationProtocol` (its ``kind`` says which
 tasks it evaluates); third-party packages add protocols through the entry-point group
@@ -27,3 +28,6 @@ PROTOCOLS.register_lazy("retrieval.zero_shot", "retbench.protocols.retrieval:RET
 PROTOCOLS.register_lazy("retrieval.linear_map", "retbench.protocols.retrieval:RETRIEVAL_LINEAR_MAP")
 PROTOCOLS.register_lazy("vqa.zero_shot", "retbench.protocols.vqa:VQA_ZERO_SHOT")
 PROTOCOLS.register_lazy("vqa.probe", "retbench.protocols.vqa:VQA_PROBE")
+PROTOCOLS.register_lazy("finetune", "retbench.protocols.finetune:FINETUNE")
+PROTOCOLS.register_lazy("finetune.head", "retbench.protocols.finetune:FINETUNE_HEAD")
+PROTOCOLS.register_lazy("finetune.lora", "retbench.protocols.finetune:FINETUNE_LORA")

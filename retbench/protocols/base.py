@@ -26,7 +26,10 @@ from retbench.solver import balanced_weights, fit_logistic
 from retbench.timing import timed
 
 if TYPE_CHECKING:
-    from retbench.adapters import ZeroShotSetup
+    from pathlib import Path
+
+    from retbench.adapters import Adapter, ZeroShotSetup
+    from retbench.preprocess import Preprocess
     from retbench.spec import TaskSpec
 
 TASK_KINDS = ("classification", "retrieval", "vqa")
@@ -50,6 +53,11 @@ class Context:
     ``zero_shot`` is the model's zero-shot convention for class prompts (classification tasks of
     image-text models); ``data`` the task's own structure: the pairs (:class:`~retbench.data.pairs.PairData`)
     of a retrieval task, the questions (:class:`~retbench.data.questions.QuestionData`) of a VQA task.
+
+    For protocols that train the network (``finetune*``): ``model`` is the adapter (never to be modified: train a
+    copy), ``preprocess`` its preprocessing on this task's images, ``artifacts`` a folder beside the result file
+    where the protocol may keep files (checkpoints, plots), and ``skip_bad_images`` the run's choice about
+    unreadable images. Feature-based protocols ignore them.
     """
 
     spec: TaskSpec
@@ -62,6 +70,10 @@ class Context:
     valid: Callable[..., np.ndarray]
     zero_shot: ZeroShotSetup | None = None
     data: Any = None
+    model: Adapter | None = None
+    preprocess: Preprocess | None = None
+    artifacts: Path | None = None
+    skip_bad_images: bool = False
 
     @property
     def has_text(self) -> bool:

@@ -293,13 +293,15 @@ class Job:
     protocols: tuple[str, ...]  # protocols that write a result
     hashes: tuple[str, ...]  # settings hash of each protocol's result
     not_applicable: tuple[tuple[str, str], ...] = ()  # (protocol, reason)
+    part: str = ""  # a training protocol's own job (its name); "" for the job of the feature protocols
 
     @property
     def key(self) -> str:
-        """File-name-safe job id, the same in every sweep of a store: ``<model>__<task>``."""
+        """File-name-safe job id, the same in every sweep of a store: ``<model>__<task>``, and
+        ``<model>__<task>__<protocol>`` for the job of a protocol that trains."""
         from retbench.store import safe_name
 
-        return f"{safe_name(self.model)}__{safe_name(self.task_name)}"
+        return f"{safe_name(self.model)}__{safe_name(self.task_name)}" + (f"__{safe_name(self.part)}" if self.part else "")
 
     def result_path(self, results_root: Path, protocol: str) -> Path:
         """Where the job's result for ``protocol`` lives."""
@@ -351,7 +353,8 @@ def _weights(value: str | None) -> str | None:
 
 
 def expand_jobs(grid: Grid) -> list[Job]:
-    """Every (model, task) job of the grid, grouped by model; unknown names fail with suggestions."""
+    """Every (model, task) job of the grid, grouped by model, plus one (model, task, protocol) job per protocol that
+    trains; unknown names fail with suggestions."""
     from retbench.adapters import ADAPTERS, canonical_model_name, split_model_name
     from retbench.protocols import PROTOCOLS
     from retbench.runner import select_protocols
@@ -382,9 +385,15 @@ def expand_jobs(grid: Grid) -> list[Job]:
                     na.append((p, f"model '{model}' has no text tower"))
                 else:
                     protocols.append(p)
-            hashes = tuple(settings_hash(model, weights, spec.name, spec.spec_hash, p, grid.seeds, grid.shots,
-                                         grid.skip_bad_images) for p in protocols)
-            jobs.append(Job(model, weights, task, spec.name, spec.spec_hash, tuple(protocols), hashes, tuple(na)))
+            # a protocol that trains (finetune*) is a job of its own: hours on a GPU, and its own requeues
+            trains = [p for p in protocols if getattr(PROTOCOLS.get(p), "trains", False)]
+            rest = [p for p in protocols if p not in trains]
+            parts = ([("", rest)] if rest or not trains else []) + [(p, [p]) for p in trains]
+            for i, (part, ps) in enumerate(parts):
+                hashes = tuple(settings_hash(model, weights, spec.name, spec.spec_hash, p, grid.seeds, grid.shots,
+                                             grid.skip_bad_images) for p in ps)
+                jobs.append(Job(model, weights, task, spec.name, spec.spec_hash, tuple(ps), hashes,
+                                tuple(na) if i == 0 else (), part))
     keys: dict[str, Job] = {}
     for job in jobs:
         if job.key in keys:
