@@ -105,10 +105,10 @@ def check_task(spec: TaskSpec, root: Path, manifest: Manifest, verify_images: bo
                 problems.append(Problem("unreadable", rel, f"cannot read: {exc.strerror or exc}"))
                 advance()
                 continue
-            for where, known in (("the manifest", manifest.sha256), ("the sha256 recorded at prepare", recorded)):
-                if rel in known and known[rel] != digest:
+            for where, table in (("the manifest", manifest.sha256), ("the sha256 recorded at prepare", recorded)):
+                if rel in table and table[rel] != digest:
                     problems.append(Problem("checksum", rel, f"sha256 {digest[:12]}... differs from {where} "
-                                            f"({known[rel][:12]}...)"))
+                                            f"({table[rel][:12]}...)"))
             if verify_images:
                 try:
                     with Image.open(path) as im:
@@ -128,7 +128,7 @@ def _csv_rows(spec: TaskSpec, root: Path) -> list[Row]:
     """The examples the task's CSV(s) list, whether or not their images are there."""
     examples = SOURCES.get("csv")(spec, root)
     image_root = examples.images.root  # type: ignore[union-attr]  # a csv source reads files
-    splits = examples.given_split or [None] * len(examples)
+    splits: list[str | None] = list(examples.given_split) if examples.given_split else [None] * len(examples)
     return [(os.path.normpath(os.path.relpath(os.path.join(image_root, i), root)), int(label), split)
             for i, label, split in zip(examples.ids, examples.labels, splits)]
 
@@ -140,7 +140,10 @@ def _folder_rows(spec: TaskSpec, root: Path) -> list[Row]:
         raise DataError(f"no folder {base}")
     class_of = {m: i for i, c in enumerate(spec.classes) for m in (c.match or (c.name,))}
     rows: list[Row] = []
-    for split, sub in (spec.source.split_dirs or {None: ""}).items():
+    split_dirs: dict[str | None, str] = {None: ""}
+    if spec.source.split_dirs:
+        split_dirs = dict(spec.source.split_dirs.items())
+    for split, sub in split_dirs.items():
         split_root = base / sub
         if not split_root.is_dir():
             raise DataError(f"no split folder {split_root}")

@@ -62,7 +62,9 @@ def train_transform(recipe: FinetuneRecipe, preprocess: Preprocess) -> Any:
 
     per_image = preprocess.normalization == "per_image"
     return create_transform(
-        input_size=preprocess.size, is_training=True, color_jitter=recipe.color_jitter, auto_augment=recipe.auto_augment,
+        input_size=preprocess.size, is_training=True,
+        color_jitter=recipe.color_jitter,  # type: ignore[arg-type]  # timm takes None as "no jitter"
+        auto_augment=recipe.auto_augment,
         interpolation="bicubic", re_prob=recipe.reprob, re_mode=recipe.remode, re_count=recipe.recount,
         mean=(0.0, 0.0, 0.0) if per_image else preprocess.mean, std=(1.0, 1.0, 1.0) if per_image else preprocess.std,
     )

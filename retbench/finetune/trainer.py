@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def learning_rate(recipe: FinetuneRecipe, t: float) -> float:
 def selection_score(y: np.ndarray, proba: np.ndarray) -> tuple[float, dict[str, float]]:
     """RETFound's validation score, (macro F1 + macro OvR AUROC + unweighted kappa) / 3, and its parts
     (a part that is undefined on this validation set, e.g. AUROC without one class, is left out of the mean)."""
-    parts = {n: float(METRICS.get(n)(y, proba)) for n in SELECTION_METRICS}
+    parts = {n: float(cast(float, METRICS.get(n)(y, proba))) for n in SELECTION_METRICS}  # scalar metrics
     finite = [v for v in parts.values() if math.isfinite(v)]
     return (float(np.mean(finite)) if finite else float("nan")), parts
 
@@ -109,7 +109,7 @@ def train_seed(built: Built, data: SplitPixels, recipe: FinetuneRecipe, preproce
     net = built.net
     optimizer = torch.optim.AdamW(param_groups(net, recipe.weight_decay, recipe.layer_decay), lr=recipe.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and recipe.precision == "fp16")
-    state = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": -math.inf, "seconds": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": -math.inf, "seconds": 0.0}
     resumed = _resume(folder / LAST, fingerprint, net, optimizer, scaler, state)
     transform = train_transform(recipe, preprocess)
     criterion, mixup = _criterion(recipe, n_classes)
