@@ -6,7 +6,7 @@ import argparse
 
 from retbench.cli.common import add_tasks_path_argument, csv_list, err
 
-RECIPE_HELP = """recipes (see README "Pretraining"):
+RECIPE_HELP = """recipes (see docs/pretraining.md):
   mae       masked autoencoder (RETFound): ViT, 75% masking, MSE on normalised patches
   flair     image-label-text alignment (FLAIR): same-label image-text pairs are positives
   simclr    two-view NT-Xent contrastive learning

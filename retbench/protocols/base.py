@@ -244,7 +244,7 @@ def choose_solver(device: torch.device, n_problems: int, n_rows: int, n_features
 
     Chosen by measurement, at equal answers (every problem's ACA within 0.005 of scikit-learn
     ``newton-cg`` run to tol 1e-10), one thread each, ``benchmarks/solver_sizes.py`` on classical
-    eye4class features (figures in the README's Benchmarks section). On CPU, scikit-learn time ÷
+    eye4class features (figures in docs/benchmarks.md). On CPU, scikit-learn time ÷
     torch time for the fastest scikit-learn way that reached equal ACA: the 4-class C search
     (5 seeds × 8 C, ~1,300 × 712) 3.8× slower; on 64 features 1.9× (lbfgs path; newton-cholesky
     2.5×); on 150 rows 0.9×; binary 0.78×; a 5-problem refit 0.77×; the few-shot sweep (50 problems of
