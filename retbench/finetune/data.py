@@ -35,7 +35,7 @@ def decode(examples: Examples, indices: np.ndarray, preprocess: Preprocess,
     loader = DataLoader(subset, batch_size=32, num_workers=workers, collate_fn=list)
     pixels, kept, bad = [], [], []
     for batch in loader:
-        for i, t, err in batch:
+        for i, t, err, _written in batch:
             if err is None:
                 pixels.append(t)
                 kept.append(i)
