@@ -454,3 +454,22 @@ def test_cli_wiring(capsys: pytest.CaptureFixture) -> None:
         cli.build_parser().parse_args(["sweep", "--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--dry-run" in out and "--status" in out and "slurm" in out
+
+
+@pytest.mark.parametrize(("executor", "code"), [("local", "local"), ("slurm", -1)])
+def test_a_preempted_job_leaves_even_if_the_handlers_exit_was_lost(tmp_path: Path, executor: str,
+                                                                   code: int | str) -> None:
+    """submitit's handler exits by raising SystemExit from wherever the job was; CPython can lose it inside a C
+    call, so the job leaves at its next state write instead of running on and recording "done"."""
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    from retbench.sweep.worker import JobSettings, SweepJob
+
+    job = expand_jobs(parse_grid({"models": ["classical"], "tasks": ["eye4class"]}, "g.yaml"))[0]
+    worker = SweepJob(job, JobSettings(sweep="g", results_dir=str(tmp_path), data_root=None, cache_dir=str(tmp_path)))
+    worker._executor = executor
+    worker._leave_if_preempted()  # not preempted: nothing happens
+    worker.checkpoint()  # what submitit's handler calls on SIGUSR2, before its (here lost) exit
+    with pytest.raises(SystemExit) as left:
+        worker._leave_if_preempted()
+    assert left.value.code == (LOCAL_REQUEUE_RETURN_CODE if code == "local" else code)

@@ -61,6 +61,8 @@ class SweepJob(submitit.helpers.Checkpointable):
         self._lock: JobLock | None = None
         self._run: dict[str, Any] | None = None
         self._state: dict[str, Any] | None = None
+        self._executor: str | None = None
+        self._preempted = False  # checkpoint() ran: this process was told to leave (requeued)
 
     def __getstate__(self) -> dict[str, Any]:
         # the lock (with its heartbeat thread) and the live state belong to one process only
@@ -84,6 +86,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         """Run the job; returns ``{"outcome": done | failed | busy, ...}`` and never raises for job errors."""
         os.environ.update(self.settings.env)
         submitit_job, executor = current_submitit_job()
+        self._executor = executor
         lock = JobLock(lock_path(self.results_root, self.job.key),
                        {"sweep": self.settings.sweep, "job": self.job.key, "submitit_job": submitit_job},
                        timeout_s=self.settings.lock_timeout_s)
@@ -125,6 +128,7 @@ class SweepJob(submitit.helpers.Checkpointable):
             if lock.lost:
                 run["warning"] = "the job lock was taken over while running (raise lock_timeout_s)"
             state.pop("error", None)  # the last failure's details stay in its run record
+            self._leave_if_preempted()
             self._save("done", outcome="done")
             return {"outcome": "done", "job": self.job.key, "written": run["written"], "kept": run["kept"],
                     "seconds": run["seconds"]}
@@ -156,6 +160,7 @@ class SweepJob(submitit.helpers.Checkpointable):
                 run["written"].append(result.data["protocol"]["name"])
             elif result.status == "skipped":
                 run.setdefault("skipped", []).append(result.reason)
+            self._leave_if_preempted()
             self._save("running")
 
         run_config(config, on_result=on_result)
@@ -171,11 +176,24 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Preemption or time limit: record it, free the lock, and requeue this job (it resumes from the store)."""
+        self._preempted = True
         if self._state is not None and self._run is not None:
             self._save("requeued", outcome="requeued")
         if self._lock is not None:
             self._lock.release()
         return super().checkpoint(*args, **kwargs)
+
+    def _leave_if_preempted(self) -> None:
+        """Exit as submitit's signal handler did after :meth:`checkpoint`, if this process is still running.
+
+        The handler ends the process by raising ``SystemExit`` from wherever the main thread was; CPython can lose
+        that exception when the signal lands inside a C call (seen: ``compile()`` while importing a module), and
+        the job would then run on and record "done" over its "requeued". Called before each state write.
+        """
+        if self._preempted:
+            from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+            raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if self._executor == "local" else -1)
 
 
 def _remove_orphan_temp_files(job: Job, results_root: Path, min_age_s: float = 60.0) -> None:
