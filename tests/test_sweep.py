@@ -284,9 +284,17 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path: Path, capsys
     after = _results(store)
     assert len(after) == 4
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in before)  # finished work was not redone
+    # every result written exactly once, before or after the kill: a job's runs never write a protocol twice, and
+    # what they wrote plus what the resumed run found finished ("kept") is all of it (a kill between a result's
+    # rename and the state write leaves that result out of "written"; the resumed run keeps it, not redoes it)
+    for path in (store / ".sweep" / "kill" / "jobs").glob("*.json"):
+        if path.name.endswith(".submit.json"):
+            continue
+        job_runs = json.loads(path.read_text())["runs"]
+        written = [p for r in job_runs for p in r["written"]]
+        assert len(written) == len(set(written)), job_runs
+        assert set(written) | set(job_runs[-1]["kept"]) == {"linear_probe", "few_shot"}, job_runs
     runs = _all_runs(store, "kill")
-    written = [(r["submitit_job"], p) for r in runs for p in r["written"]]
-    assert len(written) == 4  # every result written exactly once, before or after the kill
     interrupted = [r for r in runs if r.get("took_over")]
     assert interrupted and interrupted[0]["took_over"]["pid"] == proc.pid
     assert _status(capsys, grid)["counts"]["done"] == 2
