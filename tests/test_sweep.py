@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_tiny_task
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from retbench.errors import RetbenchError
 from retbench.sweep import JobLock, add_sweep_parser, cmd_sweep, expand_jobs, load_grid, parse_grid
 from retbench.sweep.state import host_id, read_lock
+from retbench.sweep.worker import JobSettings, SweepJob
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
 
@@ -70,12 +72,13 @@ def _state(store: Path, sweep: str, key: str) -> dict:
     return json.loads((store / ".sweep" / sweep / "jobs" / f"{key}.json").read_text())
 
 
+def _runs_by_job(store: Path, sweep: str) -> dict[str, list[dict]]:
+    return {p.name: json.loads(p.read_text())["runs"] for p in (store / ".sweep" / sweep / "jobs").glob("*.json")
+            if not p.name.endswith(".submit.json")}
+
+
 def _all_runs(store: Path, sweep: str) -> list[dict]:
-    runs = []
-    for p in (store / ".sweep" / sweep / "jobs").glob("*.json"):
-        if not p.name.endswith(".submit.json"):
-            runs += json.loads(p.read_text())["runs"]
-    return runs
+    return [r for runs in _runs_by_job(store, sweep).values() for r in runs]
 
 
 def _no_debris(store: Path) -> None:
@@ -287,10 +290,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path: Path, capsys
     # every result written exactly once, before or after the kill: a job's runs never write a protocol twice, and
     # what they wrote plus what the resumed run found finished ("kept") is all of it (a kill between a result's
     # rename and the state write leaves that result out of "written"; the resumed run keeps it, not redoes it)
-    for path in (store / ".sweep" / "kill" / "jobs").glob("*.json"):
-        if path.name.endswith(".submit.json"):
-            continue
-        job_runs = json.loads(path.read_text())["runs"]
+    for job_runs in _runs_by_job(store, "kill").values():
         written = [p for r in job_runs for p in r["written"]]
         assert len(written) == len(set(written)), job_runs
         assert set(written) | set(job_runs[-1]["kept"]) == {"linear_probe", "few_shot"}, job_runs
@@ -464,14 +464,10 @@ def test_cli_wiring(capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 0 and "--dry-run" in out and "--status" in out and "slurm" in out
 
 
-@pytest.mark.parametrize(("executor", "code"), [("local", "local"), ("slurm", -1)])
-def test_a_preempted_job_leaves_even_if_the_handlers_exit_was_lost(tmp_path: Path, executor: str,
-                                                                   code: int | str) -> None:
+@pytest.mark.parametrize(("executor", "code"), [("local", LOCAL_REQUEUE_RETURN_CODE), ("slurm", -1)])
+def test_a_preempted_job_leaves_even_if_the_handlers_exit_was_lost(tmp_path: Path, executor: str, code: int) -> None:
     """submitit's handler exits by raising SystemExit from wherever the job was; CPython can lose it inside a C
     call, so the job leaves at its next state write instead of running on and recording "done"."""
-    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
-
-    from retbench.sweep.worker import JobSettings, SweepJob
 
     job = expand_jobs(parse_grid({"models": ["classical"], "tasks": ["eye4class"]}, "g.yaml"))[0]
     worker = SweepJob(job, JobSettings(sweep="g", results_dir=str(tmp_path), data_root=None, cache_dir=str(tmp_path)))
@@ -480,4 +476,4 @@ def test_a_preempted_job_leaves_even_if_the_handlers_exit_was_lost(tmp_path: Pat
     worker.checkpoint()  # what submitit's handler calls on SIGUSR2, before its (here lost) exit
     with pytest.raises(SystemExit) as left:
         worker._leave_if_preempted()
-    assert left.value.code == (LOCAL_REQUEUE_RETURN_CODE if code == "local" else code)
+    assert left.value.code == code

@@ -128,7 +128,6 @@ class SweepJob(submitit.helpers.Checkpointable):
             if lock.lost:
                 run["warning"] = "the job lock was taken over while running (raise lock_timeout_s)"
             state.pop("error", None)  # the last failure's details stay in its run record
-            self._leave_if_preempted()
             self._save("done", outcome="done")
             return {"outcome": "done", "job": self.job.key, "written": run["written"], "kept": run["kept"],
                     "seconds": run["seconds"]}
@@ -160,13 +159,14 @@ class SweepJob(submitit.helpers.Checkpointable):
                 run["written"].append(result.data["protocol"]["name"])
             elif result.status == "skipped":
                 run.setdefault("skipped", []).append(result.reason)
-            self._leave_if_preempted()
             self._save("running")
 
         run_config(config, on_result=on_result)
 
     def _save(self, status: str, outcome: str | None = None) -> None:
         assert self._state is not None and self._run is not None
+        if status != "requeued":
+            self._leave_if_preempted()  # never write over the "requeued" that checkpoint() recorded
         self._state["status"] = status
         self._state["updated"] = now_iso()
         if outcome:
@@ -188,7 +188,7 @@ class SweepJob(submitit.helpers.Checkpointable):
 
         The handler ends the process by raising ``SystemExit`` from wherever the main thread was; CPython can lose
         that exception when the signal lands inside a C call (seen: ``compile()`` while importing a module), and
-        the job would then run on and record "done" over its "requeued". Called before each state write.
+        the job would then run on and record "done" over its "requeued". Called by every state write after it.
         """
         if self._preempted:
             from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
