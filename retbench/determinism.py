@@ -1,10 +1,10 @@
-"""Bitwise-reproducible CPU numerics: the same seed gives the same model on any x86 machine.
+"""Bitwise-reproducible CPU numerics: the same seed, the same model, on the same kind of machine.
 
-Measured on this project's machines (AMD EPYC, torch 2.14, 20 MAE steps): two runs with the same
-seed give byte-identical weights, but the same run with ATen's kernels switched from AVX-512 to
-AVX2 (``ATEN_CPU_CAPABILITY``), or with 1 thread instead of 2, gives different weights — and after
-1,500 steps a different model, i.e. different leaderboards on a machine whose CPU lacks AVX-512.
-So retbench pins, before torch loads (set by the ``retbench`` command; a value you set yourself wins):
+Measured on this project's machines (torch 2.14, 20 MAE steps): two runs with the same seed give
+byte-identical weights, but the same run with ATen's kernels switched from AVX-512 to AVX2
+(``ATEN_CPU_CAPABILITY``), or with 1 thread instead of 2, gives different weights — and after
+1,500 steps a different model, i.e. different leaderboards. So retbench pins, before torch loads
+(set by the ``retbench`` command; a value you set yourself wins):
 
 - ``ATEN_CPU_CAPABILITY=avx2`` — ATen's vectorised kernels use the AVX2 code path on every CPU
   that has it (AVX-512 machines included);
@@ -13,6 +13,12 @@ So retbench pins, before torch loads (set by the ``retbench`` command; a value y
 
 and pretraining on CPU fixes the number of threads (``--threads``, default 2) and enables
 ``torch.use_deterministic_algorithms``. What holds is recorded by :func:`kernel_report`.
+
+What is established (docs/pretraining.md, "Determinism"): the same weights from two sessions on the same
+CPU model with the same package versions. What is not: the same weights across CPU vendors or models —
+the pinning was meant to give that, but the one comparison made (an earlier session's machine, whose CPU
+and package versions were not recorded, against an Intel Xeon) gave other weights. So the report records
+the CPU (vendor, model, ISA flags) and the package versions, and a drift can be traced to one of them.
 """
 
 from __future__ import annotations
@@ -35,9 +41,42 @@ def pin_cpu_kernels() -> bool:
     return "torch" not in sys.modules
 
 
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16")
+"""CPU flags (``/proc/cpuinfo`` names) that decide which kernels a library may take."""
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's vendor, model name and ISA flags (:data:`ISA_FLAGS` present), from ``/proc/cpuinfo`` where it
+    exists; ``platform`` otherwise (flags then unknown)."""
+    import platform
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if info:
+                        break  # the first processor's block is enough
+                    continue
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    return {
+        "vendor": info.get("vendor_id", "unknown"),
+        "model": info.get("model name") or platform.processor() or platform.machine(),
+        "isa_flags": [f for f in ISA_FLAGS if f in flags] if flags else "unknown",
+    }
+
+
 def kernel_report() -> dict[str, Any]:
-    """What determines CPU numerics in this process: kernel ISA, threads, pins, deterministic mode."""
+    """What determines CPU numerics in this process: the CPU, kernel ISA, threads, pins, deterministic mode and
+    the versions of the numerical packages."""
     import torch
+
+    from retbench.environment import package_versions
 
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -45,6 +84,9 @@ def kernel_report() -> dict[str, Any]:
         "pinned_env": {k: os.environ.get(k) for k in PINNED},
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "torch": torch.__version__,
+        "cpu": cpu_description(),
+        "mkl": torch.backends.mkl.is_available(),
+        "packages": package_versions(),
     }
 
 

@@ -64,4 +64,17 @@ def test_two_pretraining_runs_give_identical_weights_and_say_what_holds(tmp_path
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "| determinism | bitwise-identical weights for the same command" in card and "2 threads" in card
     recorded = json.loads((tmp_path / "a" / "retbench_model.json").read_text())
-    assert "determinism" in json.dumps(recorded)
+    report = recorded["card"]["determinism"]
+    # what a drift would be traced to: the CPU and every numerical package's version, in the card and its JSON
+    assert report["cpu"]["model"] in card and report["cpu"]["vendor"] in card
+    assert set(report["packages"]) >= {"torch", "numpy", "timm"} and f"torch {report['packages']['torch']}" in card
+
+
+def test_the_cpu_description_names_vendor_model_and_only_known_isa_flags() -> None:
+    from retbench.determinism import ISA_FLAGS, cpu_description
+
+    cpu = cpu_description()
+    assert cpu["vendor"] and cpu["model"]
+    if Path("/proc/cpuinfo").exists():
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+        assert cpu["isa_flags"] == [f for f in ISA_FLAGS if f in flags]

@@ -164,12 +164,15 @@ def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
         return {**kernel_report(), "holds": f"not bitwise: {device.type} kernels are not pinned"}
     report = deterministic_training(threads)
     pinned = report["cpu_capability"] == "AVX2"
+    cpu = report["cpu"]["model"]
     report["holds"] = (
-        f"bitwise-identical weights for the same command, data, torch {report['torch']} and {threads} threads on any "
-        "x86 CPU with AVX2 (kernels pinned to AVX2)" if pinned else
-        f"bitwise-identical weights for the same command on a machine with the same CPU kernels "
-        f"({report['cpu_capability']}), torch {report['torch']} and {threads} threads (kernels were not pinned: "
-        "run through the `retbench` command to pin them)")
+        f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
+        f"same CPU model ({cpu}; kernels pinned to AVX2); another CPU model may give other weights "
+        "(docs/pretraining.md)"
+        if pinned else
+        f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
+        f"same CPU model ({cpu}) with the same CPU kernels ({report['cpu_capability']}; not pinned: run through the `retbench` "
+        "command to pin them)")
     return report
 
 
@@ -286,6 +289,16 @@ def _plot_loss(log: list[dict[str, Any]], path: Path, settings: Settings) -> Non
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _trained_with(report: dict[str, Any]) -> str:
+    """The CPU and package versions of a determinism report, on one line (older cards: 'not recorded')."""
+    cpu, packages = report.get("cpu"), report.get("packages")
+    if not cpu or not packages:
+        return "not recorded"
+    flags = cpu["isa_flags"] if isinstance(cpu["isa_flags"], str) else " ".join(cpu["isa_flags"])
+    versions = ", ".join(f"{k} {v}" for k, v in packages.items() if v != "not installed")
+    return f"{cpu['vendor']} {cpu['model']} ({flags}); {report.get('threads')} threads; {versions}"
+
+
 def model_card(card: dict[str, Any], config: PretrainConfig) -> str:
     """A short markdown card: what was trained, on what, how, and the loss curve."""
     s, d = card["settings"], card["data"]
@@ -308,6 +321,7 @@ def model_card(card: dict[str, Any], config: PretrainConfig) -> str:
         f"| final loss | {card['final_loss']} |",
         f"| training time | {card['train_seconds']} s |",
         f"| determinism | {card.get('determinism', {}).get('holds', 'not recorded')} |",
+        f"| trained with | {_trained_with(card.get('determinism', {}))} |",
         "", "![loss](loss.png)", "",
         "Excluded images are listed in `data_report.json`.", "",
     ]
