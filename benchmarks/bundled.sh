@@ -24,9 +24,10 @@
 # Each mode has its own pretrained models, result store and leaderboards (quick: runs/quick, results/quick,
 # leaderboards/quick; full: runs, results, leaderboards), so neither deletes or drift-checks the other's.
 # A drift fails saying which files drifted (RETBENCH_ALLOW_DRIFT=1 reports without failing, e.g. after changing
-# what is benchmarked). Finished pretraining and results are skipped on a rerun (features are cached). The
-# `retbench` command pins the CPU kernels (retbench/determinism.py), so pretraining gives the same weights on
-# any x86 CPU with AVX2.
+# what is benchmarked), and says whether the pretrained weights (leaderboards/**/pretrained_weights.sha256) or the
+# evaluation changed. Finished pretraining and results are skipped on a rerun (features are cached). The
+# `retbench` command pins the CPU kernels (retbench/determinism.py): pretraining gives the same weights on the
+# same CPU model with the same package versions (.ci/constraints.txt); another CPU model may give other weights.
 set -euo pipefail
 
 usage() {
@@ -71,6 +72,15 @@ bash .ci/setup
 export RETBENCH_DATA=${RETBENCH_DATA:-$(cd .. && pwd)/shared/data}
 RB=.venv/bin/retbench
 
+# record_weights DIR RECIPE...: DIR/pretrained_weights.sha256, the sha256 of each pretrained model's weights
+# (sha256sum format, paths relative to $RUNS), so a drift can be told apart: other weights, or other evaluation
+record_weights() {
+  local dir=$1
+  shift
+  mkdir -p "$dir"
+  (cd "$RUNS" && for recipe in "$@"; do sha256sum "$recipe/model.safetensors"; done) > "$dir/pretrained_weights.sha256"
+}
+
 # check_drift DIR [PATHSPEC...]: DIR (minus the pathspecs) against the commit; fails unless RETBENCH_ALLOW_DRIFT
 check_drift() {
   local dir=$1 drift
@@ -80,6 +90,14 @@ check_drift() {
   if [ -n "$drift" ]; then
     echo "$dir/ differ from the committed ones:" >&2
     echo "$drift" >&2
+    if git status --porcelain -- "$dir/pretrained_weights.sha256" | grep -q .; then
+      echo "cause: pretraining gave other weights than the committed run's ($dir/pretrained_weights.sha256)," \
+        "so the local models' rows differ; this run's CPU and packages are on each card's 'trained with' row:" >&2
+      grep -h "^| trained with" "$RUNS"/*/MODEL_CARD.md >&2 || true
+      echo "the committed run's are in docs/pretraining.md (Determinism)" >&2
+    else
+      echo "cause: the pretrained weights are the committed run's, so evaluation code or data changed" >&2
+    fi
     [ -n "${RETBENCH_ALLOW_DRIFT:-}" ] || exit 1
   else
     echo "$dir/ are byte-identical to the committed ones"
@@ -97,6 +115,7 @@ if [ "$mode" = quick ]; then
   rm -rf leaderboards/quick  # generated: nothing but what this store produces
   $RB leaderboard --results-dir "$RESULTS" --out leaderboards/quick --baseline classical --baseline local:flair@random
   $RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
+  record_weights leaderboards/quick flair
   check_drift leaderboards/quick
   exit 0
 fi
@@ -118,4 +137,5 @@ fi
 $RB leaderboard --results-dir "$RESULTS" --out leaderboards \
   --baseline classical --baseline local:mae@random --baseline local:flair@random
 $RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
+record_weights leaderboards mae flair
 check_drift leaderboards ':(exclude)leaderboards/quick'

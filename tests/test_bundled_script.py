@@ -6,6 +6,7 @@ and whose ``.venv/bin/retbench`` is a stand-in that logs its arguments and write
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -23,7 +24,8 @@ echo "$*" >> "$(dirname "$0")/../../calls.log"
 cmd=$1 out=""
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 case $cmd in
-  pretrain) mkdir -p "$out" && touch "$out/retbench_model.json" ;;
+  pretrain) mkdir -p "$out" && touch "$out/retbench_model.json" && echo "${FAKE_WEIGHTS:-w}" > "$out/model.safetensors"
+            echo "| trained with | fake cpu; torch 0 |" > "$out/MODEL_CARD.md" ;;
   leaderboard) mkdir -p "$out" && echo "${FAKE_BOARD:-board}" > "$out/linear_probe.md" ;;
 esac
 """
@@ -53,9 +55,11 @@ def repo(tmp_path: Path) -> Path:
     fake.write_text(FAKE_RETBENCH)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     (r / ".gitignore").write_text(".venv/\n/results/\n/runs/\ncalls.log\n")
-    for board in ("leaderboards", "leaderboards/quick"):
+    sha = hashlib.sha256(b"w\n").hexdigest()  # the stand-in's default weights
+    for board, recipes in (("leaderboards", ("mae", "flair")), ("leaderboards/quick", ("flair",))):
         (r / board).mkdir(parents=True, exist_ok=True)
         (r / board / "linear_probe.md").write_text("board\n")
+        (r / board / "pretrained_weights.sha256").write_text("".join(f"{sha}  {x}/model.safetensors\n" for x in recipes))
     _git(r, "init", "-q")
     _git(r, "add", "-A")
     _git(r, "commit", "-q", "-m", "init")
@@ -113,3 +117,13 @@ def test_drift_fails_naming_the_file_unless_allowed(repo: Path, mode: list[str],
     assert other not in res.stderr  # each mode checks its own folder only
     allowed = _bash(["benchmarks/bundled.sh", *mode], cwd=repo, FAKE_BOARD="changed", RETBENCH_ALLOW_DRIFT="1")
     assert allowed.returncode == 0 and f"{board}/ differ" in allowed.stderr
+    assert "cause: the pretrained weights are the committed run's" in res.stderr  # so evaluation changed
+
+
+@pytest.mark.parametrize("mode, board", [([], "leaderboards/quick"), (["--full"], "leaderboards")])
+def test_drift_from_other_pretrained_weights_says_so_with_this_runs_cpu(repo: Path, mode: list[str],
+                                                                        board: str) -> None:
+    res = _bash(["benchmarks/bundled.sh", *mode], cwd=repo, FAKE_BOARD="changed", FAKE_WEIGHTS="other")
+    assert res.returncode == 1
+    assert f"{board}/pretrained_weights.sha256" in res.stderr
+    assert "cause: pretraining gave other weights" in res.stderr and "| trained with | fake cpu; torch 0 |" in res.stderr
