@@ -292,6 +292,9 @@ def normalize(batch: torch.Tensor, preprocess: Preprocess, dtype: torch.dtype = 
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = x.std(dim=(2, 3), keepdim=True, correction=0).clamp_min_(1e-6)  # numpy's population std
         return x.sub_(mean).div_(std)
-    mean = torch.tensor(preprocess.mean, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
-    return batch.to(dtype).div_(255.0).sub_(mean).div_(std)
+    x = batch.to(dtype).div_(255.0)
+    if any(preprocess.mean):  # x - 0 and x / 1 are exact: skipping them changes no bit (e.g. ``classical``)
+        x.sub_(torch.tensor(preprocess.mean, device=batch.device, dtype=dtype).view(1, 3, 1, 1))
+    if any(s != 1 for s in preprocess.std):
+        x.div_(torch.tensor(preprocess.std, device=batch.device, dtype=dtype).view(1, 3, 1, 1))
+    return x

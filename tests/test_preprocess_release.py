@@ -96,6 +96,15 @@ def test_per_image_normalisation_standardises_each_image_and_channel():
     assert torch.allclose(y.std(dim=(2, 3), correction=0), torch.ones(3, 3), atol=1e-4)  # numpy's std
 
 
+@pytest.mark.parametrize(("mean", "std"), [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                           ((0.0, 0.0, 0.0), (0.5, 0.5, 0.5)), ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))])
+def test_normalize_equals_the_full_formula_bit_for_bit(mean, std):
+    """Skipping x - 0 and x / 1 (cheap adapters such as ``classical``) must not move any feature's bit."""
+    x = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8)
+    full = (x.float() / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(normalize(x, Preprocess(mean=mean, std=std)), full)
+
+
 def test_task_crop_hint_selects_the_models_own_method():
     assert Preprocess().with_hints({"fundus_crop": True}).fundus_crop == "threshold"
     assert Preprocess().with_hints({"fundus_crop": True}, crop_method="li_red").fundus_crop == "li_red"
