@@ -71,6 +71,34 @@ def cpu_description() -> dict[str, Any]:
     }
 
 
+MKL_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",
+                10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+"""MKL's conditional-numerical-reproducibility branch codes (``mkl_cbwr_get(MKL_CBWR_BRANCH)``) by name."""
+
+
+def mkl_branch() -> str:
+    """The MKL code branch in effect in this process (``AVX2`` when the pin held), or ``unknown``.
+
+    MKL may override ``MKL_CBWR``: on an AMD EPYC it reports ``AUTO`` for ``MKL_CBWR=AVX2`` (honouring only
+    ``COMPATIBLE``), so its GEMMs take whatever path MKL picks for that CPU. Read from the MKL linked into torch
+    (its service symbol ``mkl_serv_cbwr_get``; ``unknown`` where torch has no MKL or does not export it).
+    """
+    import ctypes
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return "unknown"
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return "unknown"
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    code = get(1)  # MKL_CBWR_BRANCH
+    return MKL_BRANCHES.get(code, f"code {code}")
+
+
 def kernel_report() -> dict[str, Any]:
     """What determines CPU numerics in this process: the CPU, kernel ISA, threads, pins, deterministic mode and
     the versions of the numerical packages."""
@@ -86,6 +114,7 @@ def kernel_report() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": cpu_description(),
         "mkl": torch.backends.mkl.is_available(),
+        "mkl_branch": mkl_branch(),
         "packages": package_versions(),
     }
 

@@ -65,6 +65,7 @@ def test_two_pretraining_runs_give_identical_weights_and_say_what_holds(tmp_path
     assert "| determinism | bitwise-identical weights for the same command" in card and "2 threads" in card
     recorded = json.loads((tmp_path / "a" / "retbench_model.json").read_text())
     report = recorded["card"]["determinism"]
+    assert f"MKL branch {report['mkl_branch']}" in card  # the branch MKL really used, not the one asked for
     # what a drift would be traced to: the CPU and every numerical package's version, in the card and its JSON
     assert report["cpu"]["model"] in card and report["cpu"]["vendor"] in card
     assert set(report["packages"]) >= {"torch", "numpy", "timm"} and f"torch {report['packages']['torch']}" in card
@@ -78,3 +79,21 @@ def test_the_cpu_description_names_vendor_model_and_only_known_isa_flags() -> No
     if Path("/proc/cpuinfo").exists():
         flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
         assert cpu["isa_flags"] == [f for f in ISA_FLAGS if f in flags]
+
+
+def test_the_report_says_which_mkl_branch_really_ran() -> None:
+    """MKL may override the pin: on an AMD EPYC it reports AUTO for MKL_CBWR=AVX2 (so GEMMs follow the CPU);
+    COMPATIBLE it honours everywhere. The report reads the branch MKL uses, not the variable that asked for it."""
+    probe = "import json; from retbench.determinism import mkl_branch; print(json.dumps(mkl_branch()))"
+    if _python(probe, MKL_CBWR="COMPATIBLE") == "unknown":
+        pytest.skip("this torch has no MKL whose branch can be read")
+    assert _python(probe, MKL_CBWR="COMPATIBLE") == "COMPATIBLE"
+    assert _python(probe, MKL_CBWR="AUTO") == "AUTO"
+    pinned = _python(probe, MKL_CBWR="AVX2")
+    if "GenuineIntel" in Path("/proc/cpuinfo").read_text():
+        assert pinned == "AVX2"
+    assert pinned in ("AVX2", "AUTO")
+    # the branch moves bits: the same GEMM on the compatible branch and on the pinned one
+    gemm = ("import torch, json, hashlib; g = torch.Generator().manual_seed(0); a = torch.randn(512, 192, generator=g); "
+            "b = torch.randn(192, 384, generator=g); print(json.dumps(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest()))")
+    assert _python(gemm, MKL_CBWR="COMPATIBLE") != _python(gemm, MKL_CBWR="AVX2")

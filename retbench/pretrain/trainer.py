@@ -165,9 +165,12 @@ def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
     report = deterministic_training(threads)
     pinned = report["cpu_capability"] == "AVX2"
     cpu = report["cpu"]["model"]
+    mkl = report.get("mkl_branch", "unknown")
+    mkl_note = ("MKL branch AVX2" if mkl == "AVX2" else
+                f"MKL branch {mkl}: MKL ignored the AVX2 pin on this CPU" if mkl != "unknown" else "MKL branch unknown")
     report["holds"] = (
         f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
-        f"same CPU model ({cpu}; kernels pinned to AVX2); another CPU model may give other weights "
+        f"same CPU model ({cpu}; kernels pinned to AVX2, {mkl_note}); another CPU model may give other weights "
         "(docs/pretraining.md)"
         if pinned else
         f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
