@@ -23,11 +23,13 @@
 #
 # Each mode has its own pretrained models, result store and leaderboards (quick: runs/quick, results/quick,
 # leaderboards/quick; full: runs, results, leaderboards), so neither deletes or drift-checks the other's.
-# A drift fails saying which files drifted (RETBENCH_ALLOW_DRIFT=1 reports without failing, e.g. after changing
-# what is benchmarked), and says whether the pretrained weights (leaderboards/**/pretrained_weights.sha256) or the
-# evaluation changed. Finished pretraining and results are skipped on a rerun (features are cached). The
-# `retbench` command pins the CPU kernels (retbench/determinism.py): pretraining gives the same weights on the
-# same CPU model with the same package versions (.ci/constraints.txt); another CPU model may give other weights.
+# A drift fails saying which files drifted and why (RETBENCH_ALLOW_DRIFT=1 reports without failing, e.g. after
+# changing what is benchmarked): other evaluation, or other pretrained weights (leaderboards/**/
+# pretrained_weights.json records their sha256 and the CPU they came from). Pretraining gives the same weights
+# on the same CPU model with the same package versions (.ci/constraints.txt; retbench/determinism.py); on
+# another CPU model the check passes when every leaderboard row not from the pretrained weights is the committed
+# one, and says how far the pretrained models' rows moved (benchmarks/drift_check.py). Finished pretraining and
+# results are skipped on a rerun (features are cached).
 set -euo pipefail
 
 usage() {
@@ -72,37 +74,9 @@ bash .ci/setup
 export RETBENCH_DATA=${RETBENCH_DATA:-$(cd .. && pwd)/shared/data}
 RB=.venv/bin/retbench
 
-# record_weights DIR RECIPE...: DIR/pretrained_weights.sha256, the sha256 of each pretrained model's weights
-# (sha256sum format, paths relative to $RUNS), so a drift can be told apart: other weights, or other evaluation
-record_weights() {
-  local dir=$1
-  shift
-  mkdir -p "$dir"
-  (cd "$RUNS" && for recipe in "$@"; do sha256sum "$recipe/model.safetensors"; done) > "$dir/pretrained_weights.sha256"
-}
-
-# check_drift DIR [PATHSPEC...]: DIR (minus the pathspecs) against the commit; fails unless RETBENCH_ALLOW_DRIFT
-check_drift() {
-  local dir=$1 drift
-  shift
-  git rev-parse --is-inside-work-tree >/dev/null 2>&1 || return 0
-  drift=$(git status --porcelain --untracked-files=all -- "$dir" "$@")
-  if [ -n "$drift" ]; then
-    echo "$dir/ differ from the committed ones:" >&2
-    echo "$drift" >&2
-    if git status --porcelain -- "$dir/pretrained_weights.sha256" | grep -q .; then
-      echo "cause: pretraining gave other weights than the committed run's ($dir/pretrained_weights.sha256)," \
-        "so the local models' rows differ; this run's CPU and packages are on each card's 'trained with' row:" >&2
-      grep -h "^| trained with" "$RUNS"/*/MODEL_CARD.md >&2 || true
-      echo "the committed run's are in docs/pretraining.md (Determinism)" >&2
-    else
-      echo "cause: the pretrained weights are the committed run's, so evaluation code or data changed" >&2
-    fi
-    [ -n "${RETBENCH_ALLOW_DRIFT:-}" ] || exit 1
-  else
-    echo "$dir/ are byte-identical to the committed ones"
-  fi
-}
+# the weights' record (DIR/pretrained_weights.json) and the drift check: benchmarks/drift_check.py
+record_weights() { .venv/bin/python benchmarks/drift_check.py record "$1" "$RUNS" "${@:2}"; }
+check_drift() { .venv/bin/python benchmarks/drift_check.py check "$@"; }
 
 if [ "$mode" = quick ]; then
   RESULTS=${RESULTS:-results/quick}
@@ -138,4 +112,4 @@ $RB leaderboard --results-dir "$RESULTS" --out leaderboards \
   --baseline classical --baseline local:mae@random --baseline local:flair@random
 $RB results --results-dir "$RESULTS" --csv "$RESULTS/results.csv"
 record_weights leaderboards mae flair
-check_drift leaderboards ':(exclude)leaderboards/quick'
+check_drift leaderboards --exclude leaderboards/quick

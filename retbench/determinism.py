@@ -15,10 +15,11 @@ and pretraining on CPU fixes the number of threads (``--threads``, default 2) an
 ``torch.use_deterministic_algorithms``. What holds is recorded by :func:`kernel_report`.
 
 What is established (docs/pretraining.md, "Determinism"): the same weights from two sessions on the same
-CPU model with the same package versions. What is not: the same weights across CPU vendors or models —
-the pinning was meant to give that, but the one comparison made (an earlier session's machine, whose CPU
-and package versions were not recorded, against an Intel Xeon) gave other weights. So the report records
-the CPU (vendor, model, ISA flags) and the package versions, and a drift can be traced to one of them.
+CPU model (an Intel Xeon) with the same package versions. What does not hold: the same weights across CPU
+vendors — on an AMD EPYC the same command gave other weights, and MKL there reports the ``AUTO`` branch for
+``MKL_CBWR=AVX2`` (it honours only ``COMPATIBLE`` on non-Intel CPUs), so its GEMMs follow the CPU. The report
+therefore records the CPU (vendor, model, ISA flags), the MKL branch that really ran (:func:`mkl_branch`) and
+the package versions, so a drift can be traced to one of them.
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
 """benchmarks/bundled.sh, the main job: its arguments, and which folders each mode writes and drift-checks.
 
-Nothing here runs the job: the script is copied into a scratch git repository whose ``.ci/setup`` does nothing
-and whose ``.venv/bin/retbench`` is a stand-in that logs its arguments and writes one file per leaderboard.
+Nothing here runs the job: the script and its drift check are copied into a scratch git repository whose
+``.ci/setup`` does nothing and whose ``.venv/bin/retbench`` is a stand-in that logs its arguments, writes weights
+and a model card naming a CPU (``FAKE_CPU``), and a leaderboard with one baseline and one pretrained-model row.
+The committed boards are what the job wrote on "CPU A".
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,14 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bundled.sh"
 
 FAKE_RETBENCH = """#!/usr/bin/env bash
-# stand-in for retbench: log the call; `pretrain` writes a model card, `leaderboard` one board into --out
+# stand-in for retbench: log the call; `pretrain` writes weights and a card, `leaderboard` a board and a CSV
 echo "$*" >> "$(dirname "$0")/../../calls.log"
 cmd=$1 out=""
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 case $cmd in
-  pretrain) mkdir -p "$out" && touch "$out/retbench_model.json" && echo "${FAKE_WEIGHTS:-w}" > "$out/model.safetensors"
-            echo "| trained with | fake cpu; torch 0 |" > "$out/MODEL_CARD.md" ;;
-  leaderboard) mkdir -p "$out" && echo "${FAKE_BOARD:-board}" > "$out/linear_probe.md" ;;
+  pretrain) mkdir -p "$out" && echo "${FAKE_WEIGHTS:-w}" > "$out/model.safetensors"
+            printf '{"card": {"determinism": {"cpu": {"vendor": "Fake", "model": "%s", "isa_flags": ["avx2"]},
+              "mkl_branch": "AVX2", "threads": 2, "packages": {"torch": "0"}}}}' "${FAKE_CPU:-CPU A}" \\
+              > "$out/retbench_model.json" ;;
+  leaderboard) mkdir -p "$out" && echo "${FAKE_BOARD:-board}" > "$out/linear_probe.md"
+               printf 'protocol,model,task,metric,k,mean,best\\n%s\\n%s\\n' \\
+                 "linear_probe,classical.default,t,aca,,${FAKE_BASELINE:-0.5},0" \\
+                 "linear_probe,local:flair,t,aca,,${FAKE_PRETRAINED:-0.6},1" > "$out/linear_probe.csv" ;;
 esac
 """
 
@@ -54,13 +63,14 @@ def repo(tmp_path: Path) -> Path:
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE_RETBENCH)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    (r / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    shutil.copy(ROOT / "benchmarks" / "drift_check.py", r / "benchmarks" / "drift_check.py")
     (r / ".gitignore").write_text(".venv/\n/results/\n/runs/\ncalls.log\n")
-    sha = hashlib.sha256(b"w\n").hexdigest()  # the stand-in's default weights
-    for board, recipes in (("leaderboards", ("mae", "flair")), ("leaderboards/quick", ("flair",))):
-        (r / board).mkdir(parents=True, exist_ok=True)
-        (r / board / "linear_probe.md").write_text("board\n")
-        (r / board / "pretrained_weights.sha256").write_text("".join(f"{sha}  {x}/model.safetensors\n" for x in recipes))
     _git(r, "init", "-q")
+    for mode in ([], ["--full"]):  # the committed boards and weights' records: what the job writes
+        assert _bash(["benchmarks/bundled.sh", *mode], cwd=r, RETBENCH_ALLOW_DRIFT="1").returncode == 0
+    shutil.rmtree(r / "runs")
+    (r / "calls.log").unlink()
     _git(r, "add", "-A")
     _git(r, "commit", "-q", "-m", "init")
     return r
@@ -121,9 +131,33 @@ def test_drift_fails_naming_the_file_unless_allowed(repo: Path, mode: list[str],
 
 
 @pytest.mark.parametrize("mode, board", [([], "leaderboards/quick"), (["--full"], "leaderboards")])
-def test_drift_from_other_pretrained_weights_says_so_with_this_runs_cpu(repo: Path, mode: list[str],
-                                                                        board: str) -> None:
-    res = _bash(["benchmarks/bundled.sh", *mode], cwd=repo, FAKE_BOARD="changed", FAKE_WEIGHTS="other")
+def test_the_weights_record_names_sha256_cpu_and_mkl_branch(repo: Path, mode: list[str], board: str) -> None:
+    record = json.loads((repo / board / "pretrained_weights.json").read_text())
+    assert set(record) == ({"flair"} if mode == [] else {"mae", "flair"})
+    assert record["flair"]["sha256"] == hashlib.sha256(b"w\n").hexdigest()
+    assert record["flair"]["cpu"] == "Fake CPU A (avx2)" and record["flair"]["mkl_branch"] == "AVX2"
+    assert record["flair"]["threads"] == 2 and record["flair"]["packages"] == "torch 0"
+
+
+def test_other_weights_on_the_committed_cpu_fail_as_not_reproduced(repo: Path) -> None:
+    res = _bash(["benchmarks/bundled.sh"], cwd=repo, FAKE_PRETRAINED="0.7", FAKE_WEIGHTS="other")
     assert res.returncode == 1
-    assert f"{board}/pretrained_weights.sha256" in res.stderr
-    assert "cause: pretraining gave other weights" in res.stderr and "| trained with | fake cpu; torch 0 |" in res.stderr
+    assert "on the same CPU model (Fake CPU A (avx2), MKL branch AVX2): it did not reproduce" in res.stderr
+
+
+@pytest.mark.parametrize("mode, board", [([], "leaderboards/quick"), (["--full"], "leaderboards")])
+def test_another_cpu_passes_when_only_the_pretrained_rows_moved(repo: Path, mode: list[str], board: str) -> None:
+    res = _bash(["benchmarks/bundled.sh", *mode], cwd=repo, FAKE_BOARD="changed", FAKE_PRETRAINED="0.65",
+                FAKE_WEIGHTS="other", FAKE_CPU="CPU B")
+    assert res.returncode == 0, res.stderr
+    assert "this CPU (Fake CPU B (avx2), MKL branch AVX2) is not the committed run's (Fake CPU A (avx2))" in res.stderr
+    assert "every row of the 1 leaderboard CSVs not from" in res.stdout
+    assert "moved by |Δ mean| ≤ 0.050" in res.stdout and f"git checkout -- {board}" in res.stdout
+
+
+def test_another_cpu_still_fails_when_a_baseline_row_moved(repo: Path) -> None:
+    res = _bash(["benchmarks/bundled.sh"], cwd=repo, FAKE_PRETRAINED="0.65", FAKE_BASELINE="0.51",
+                FAKE_WEIGHTS="other", FAKE_CPU="CPU B")
+    assert res.returncode == 1
+    assert "rows not from the pretrained weights changed too" in res.stderr
+    assert "leaderboards/quick/linear_probe.csv: row linear_probe/classical.default/t/aca: mean changed" in res.stderr

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     from retbench.determinism import pin_cpu_kernels
 
-    pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers, on every x86 CPU
+    pin_cpu_kernels()  # before torch loads: the same kernels, so the same numbers on the same CPU model
     args = build_parser().parse_args(argv)
     try:
         with extra_task_folders(getattr(args, "tasks_path", None)):

@@ -1,0 +1,186 @@
+"""The main job's record of its pretrained weights, and its check that the leaderboards match the committed ones.
+
+    python benchmarks/drift_check.py record DIR RUNS RECIPE...   # DIR/pretrained_weights.json
+    python benchmarks/drift_check.py check DIR [--exclude SUBDIR]
+
+``record`` writes, per pretrained model, the sha256 of its weights and what its model card says determined them:
+the CPU (vendor, model, ISA flags), the MKL branch that really ran, threads and package versions.
+
+``check`` compares DIR (its working tree, minus ``--exclude`` and the record itself) with the commit:
+
+- byte-identical: the leaderboards reproduce;
+- different, with the committed run's weights: evaluation code or data changed (fails);
+- different, with other weights on the committed run's CPU model: pretraining did not reproduce (fails);
+- different, with other weights on **another CPU model**: expected, since pretraining is bitwise reproducible only
+  per CPU model (docs/pretraining.md, Determinism). Every leaderboard CSV row that does not come from the
+  pretrained weights must then still be identical, cell for cell, except the cells that compare across models
+  (``best``, ``p_adjusted``, ``stars``); it passes when they are, stating how far the pretrained models' rows moved.
+
+Exit 1 on a failing drift unless ``RETBENCH_ALLOW_DRIFT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RECORD = "pretrained_weights.json"
+CROSS_MODEL_COLUMNS = ("best", "p_adjusted", "stars")
+"""CSV columns that depend on every model of a table, so on the pretrained ones too."""
+ROW_KEY = ("protocol", "model", "task", "metric", "k")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(runs: Path, recipes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per recipe: the weights' sha256 and the CPU, MKL branch, threads and packages its card recorded."""
+    out = {}
+    for recipe in recipes:
+        folder = runs / recipe
+        card = json.loads((folder / "retbench_model.json").read_text(encoding="utf-8")).get("card", {})
+        det = card.get("determinism", {})
+        cpu = det.get("cpu") or {}
+        flags = cpu.get("isa_flags", "unknown")
+        out[recipe] = {
+            "sha256": _sha256(folder / "model.safetensors"),
+            "cpu": f"{cpu.get('vendor', 'unknown')} {cpu.get('model', 'unknown')} "
+                   f"({flags if isinstance(flags, str) else ' '.join(flags)})",
+            "mkl_branch": det.get("mkl_branch", "not recorded"),
+            "threads": det.get("threads"),
+            "packages": ", ".join(f"{k} {v}" for k, v in sorted((det.get("packages") or {}).items())),
+        }
+    return out
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], capture_output=True, text=True)
+
+
+def _committed(path: str) -> str | None:
+    shown = _git("show", f"HEAD:{path}")
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _rows(text: str) -> dict[tuple[str, ...], dict[str, str]]:
+    return {tuple(r.get(k, "") for k in ROW_KEY): r for r in csv.DictReader(io.StringIO(text))}
+
+
+def compare_independent_rows(committed: str, current: str, pretrained: set[str]) -> tuple[list[str], list[float]]:
+    """Problems in the rows not from ``pretrained`` models, and |Δ mean| of the pretrained models' shared rows."""
+    old, new = _rows(committed), _rows(current)
+    problems, moved = [], []
+    for key in sorted(set(old) | set(new)):
+        model = key[1]
+        if model in pretrained:
+            if key in old and key in new and old[key]["mean"] and new[key]["mean"]:
+                moved.append(abs(float(new[key]["mean"]) - float(old[key]["mean"])))
+            continue
+        if key not in old or key not in new:
+            problems.append(f"row {'/'.join(key)} {'added' if key in new else 'missing'}")
+            continue
+        cells = [c for c in old[key] if c not in CROSS_MODEL_COLUMNS and old[key][c] != new[key].get(c)]
+        if cells:
+            problems.append(f"row {'/'.join(k for k in key if k)}: {', '.join(cells)} changed")
+    return problems, moved
+
+
+def _changed(folder: str, exclude: list[str]) -> list[str]:
+    spec = [folder, *(f":(exclude){e}" for e in exclude), f":(exclude){folder}/{RECORD}"]
+    out = _git("status", "--porcelain", "--untracked-files=all", "--", *spec).stdout
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def check(folder: str, exclude: list[str]) -> int:
+    """Print what drifted and why; 0 when the leaderboards reproduce (or drift only as another CPU explains)."""
+    if _git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        return 0
+    record_path = f"{folder}/{RECORD}"
+    ours = json.loads(Path(record_path).read_text(encoding="utf-8")) if Path(record_path).exists() else {}
+    theirs = json.loads(_committed(record_path) or "{}")
+    changed = _changed(folder, exclude)
+    if not changed:
+        print(f"{folder}/ are byte-identical to the committed ones")
+        if ours != theirs:
+            print(f"note: {record_path} differs from the committed one (the weights' record, not a leaderboard)")
+        return 0
+    print(f"{folder}/ differ from the committed ones:\n  " + "\n  ".join(changed), file=sys.stderr)
+    same_weights = bool(theirs) and all(
+        theirs.get(r, {}).get("sha256") == ours[r]["sha256"] for r in ours)
+    other_cpu = sorted({theirs[r]["cpu"] for r in ours if r in theirs} - {ours[r]["cpu"] for r in ours})
+    if same_weights:
+        print("cause: the pretrained weights are the committed run's, so evaluation code or data changed",
+              file=sys.stderr)
+        return 1
+    this_cpu = "; ".join(sorted({v["cpu"] + ", MKL branch " + str(v["mkl_branch"]) for v in ours.values()}))
+    if not other_cpu:
+        print(f"cause: pretraining gave other weights than the committed run's on the same CPU model ({this_cpu}): "
+              f"it did not reproduce (or the committed record has no sha256); compare package versions in "
+              f"{record_path} with the committed one", file=sys.stderr)
+        return 1
+    print(f"cause: this CPU ({this_cpu}) is not the committed run's ({'; '.join(other_cpu)}): pretraining is "
+          "bitwise reproducible only per CPU model (docs/pretraining.md, Determinism), so the pretrained models' "
+          "rows differ; checking that every other row is the committed one", file=sys.stderr)
+    pretrained = {f"local:{r}" for r in ours}
+    problems, moved, n_csv = [], [], 0
+    for csv_path in sorted(Path(folder).glob("*.csv")):
+        committed = _committed(str(csv_path))
+        if committed is None:
+            problems.append(f"{csv_path}: not committed")
+            continue
+        n_csv += 1
+        p, m = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
+        problems += [f"{csv_path}: {x}" for x in p]
+        moved += m
+    if problems:
+        print("rows not from the pretrained weights changed too, so evaluation changed:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 1
+    print(f"every row of the {n_csv} leaderboard CSVs not from {', '.join(sorted(pretrained))} is the committed one; "
+          f"the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
+          f"(median {sorted(moved)[len(moved) // 2] if moved else 0.0:.3f}). The committed leaderboards are the "
+          f"committed CPU's: restore them with `git checkout -- {folder}` rather than committing these.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record", help="write DIR/pretrained_weights.json")
+    rec.add_argument("folder")
+    rec.add_argument("runs", type=Path)
+    rec.add_argument("recipes", nargs="+")
+    chk = sub.add_parser("check", help="compare DIR with the commit")
+    chk.add_argument("folder")
+    chk.add_argument("--exclude", action="append", default=[])
+    args = parser.parse_args(argv)
+    if args.cmd == "record":
+        target = Path(args.folder) / RECORD
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(weights_record(args.runs, args.recipes), indent=2, sort_keys=True) + "\n",
+                       encoding="utf-8")
+        tmp.replace(target)
+        return 0
+    status = check(args.folder.rstrip("/"), args.exclude)
+    if status and os.environ.get("RETBENCH_ALLOW_DRIFT"):
+        print("RETBENCH_ALLOW_DRIFT is set: reported, not failed", file=sys.stderr)
+        return 0
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
