@@ -13,8 +13,9 @@ the CPU (vendor, model, ISA flags), the MKL branch that really ran, threads and 
 - different, with other weights on the committed run's CPU model: pretraining did not reproduce (fails);
 - different, with other weights on **another CPU model**: expected, since pretraining is bitwise reproducible only
   per CPU model (docs/pretraining.md, Determinism). Every leaderboard CSV row that does not come from the
-  pretrained weights must then still be identical, cell for cell, except the cells that compare across models
-  (``best``, ``p_adjusted``, ``stars``); it passes when they are, stating how far the pretrained models' rows moved.
+  pretrained weights must then match the committed one within :data:`TOLERANCE` (metrics ±0.01, p ±0.05; other
+  cells exactly, except those that compare across models: ``best``, ``best_baseline``, ``p_adjusted``, ``stars``);
+  it passes when they do, stating how many moved and how far the pretrained models' rows moved.
 
 Exit 1 on a failing drift unless ``RETBENCH_ALLOW_DRIFT`` is set.
 """
@@ -33,8 +34,13 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "pretrained_weights.json"
-CROSS_MODEL_COLUMNS = ("best", "p_adjusted", "stars")
-"""CSV columns that depend on every model of a table, so on the pretrained ones too."""
+CROSS_MODEL_COLUMNS = ("best", "best_baseline", "p_adjusted", "stars")
+"""CSV columns that depend on every model of a table (or every baseline), so on the pretrained ones too, or that
+flip between two near-equal baselines."""
+TOLERANCE = {"mean": 0.01, "ci_low": 0.01, "ci_high": 0.01, "se": 0.01, "delta": 0.01, "p_value": 0.05}
+"""How far a row not from the pretrained weights may move on another CPU model: the CPUs' kernels round
+differently (MKL's GEMM branch is not the same), which flips a few near-tie predictions — measured, Intel Xeon vs
+AMD EPYC: 2 task rows of ~130 moved, by at most 0.004 (metric) and 0.024 (p); every CI on the boards is wider."""
 ROW_KEY = ("protocol", "model", "task", "metric", "k")
 
 
@@ -79,23 +85,41 @@ def _rows(text: str) -> dict[tuple[str, ...], dict[str, str]]:
     return {tuple(r.get(k, "") for k in ROW_KEY): r for r in csv.DictReader(io.StringIO(text))}
 
 
-def compare_independent_rows(committed: str, current: str, pretrained: set[str]) -> tuple[list[str], list[float]]:
-    """Problems in the rows not from ``pretrained`` models, and |Δ mean| of the pretrained models' shared rows."""
+def _cell_problem(column: str, old: str, new: str | None) -> str | None:
+    """Why a cell of a row not from the pretrained weights differs too much (None when it is within tolerance)."""
+    if old == new:
+        return None
+    if column in TOLERANCE and old and new:
+        try:
+            gap = abs(float(new) - float(old))
+        except ValueError:
+            return f"{column} {old!r} → {new!r}"
+        return None if gap <= TOLERANCE[column] else f"{column} moved {gap:.4f} (> {TOLERANCE[column]})"
+    return f"{column} {old!r} → {new!r}"
+
+
+def compare_independent_rows(committed: str, current: str,
+                             pretrained: set[str]) -> tuple[list[str], list[float], list[float]]:
+    """Problems in the rows not from ``pretrained`` models; |Δ mean| of those rows that moved within tolerance;
+    |Δ mean| of the pretrained models' rows."""
     old, new = _rows(committed), _rows(current)
-    problems, moved = [], []
+    problems, nudged, moved = [], [], []
     for key in sorted(set(old) | set(new)):
-        model = key[1]
-        if model in pretrained:
-            if key in old and key in new and old[key]["mean"] and new[key]["mean"]:
-                moved.append(abs(float(new[key]["mean"]) - float(old[key]["mean"])))
-            continue
+        name = "/".join(k for k in key if k)
         if key not in old or key not in new:
-            problems.append(f"row {'/'.join(key)} {'added' if key in new else 'missing'}")
+            problems.append(f"row {name} {'added' if key in new else 'missing'}")
             continue
-        cells = [c for c in old[key] if c not in CROSS_MODEL_COLUMNS and old[key][c] != new[key].get(c)]
+        gap = abs(float(new[key]["mean"]) - float(old[key]["mean"])) if old[key]["mean"] and new[key]["mean"] else 0.0
+        if key[1] in pretrained:
+            moved.append(gap)
+            continue
+        cells = [why for c in old[key] if c not in CROSS_MODEL_COLUMNS
+                 and (why := _cell_problem(c, old[key][c], new[key].get(c)))]
         if cells:
-            problems.append(f"row {'/'.join(k for k in key if k)}: {', '.join(cells)} changed")
-    return problems, moved
+            problems.append(f"row {name}: {', '.join(cells)}")
+        elif gap:
+            nudged.append(gap)
+    return problems, nudged, moved
 
 
 def _changed(folder: str, exclude: list[str]) -> list[str]:
@@ -133,27 +157,33 @@ def check(folder: str, exclude: list[str]) -> int:
         return 1
     print(f"cause: this CPU ({this_cpu}) is not the committed run's ({'; '.join(other_cpu)}): pretraining is "
           "bitwise reproducible only per CPU model (docs/pretraining.md, Determinism), so the pretrained models' "
-          "rows differ; checking that every other row is the committed one", file=sys.stderr)
+          "rows differ; checking every other row against the committed one", file=sys.stderr)
     pretrained = {f"local:{r}" for r in ours}
-    problems, moved, n_csv = [], [], 0
+    problems, nudged, moved, rows = [], [], [], 0
     for csv_path in sorted(Path(folder).glob("*.csv")):
         committed = _committed(str(csv_path))
         if committed is None:
             problems.append(f"{csv_path}: not committed")
             continue
-        n_csv += 1
-        p, m = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
+        p, n, m = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
         problems += [f"{csv_path}: {x}" for x in p]
-        moved += m
+        nudged, moved, rows = nudged + n, moved + m, rows + len(_rows(committed))
+    others = rows - len(moved)
     if problems:
-        print("rows not from the pretrained weights changed too, so evaluation changed:\n  " + "\n  ".join(problems),
-              file=sys.stderr)
+        print("rows not from the pretrained weights moved beyond the cross-CPU tolerance "
+              f"({_tolerance()}), so evaluation changed:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    print(f"every row of the {n_csv} leaderboard CSVs not from {', '.join(sorted(pretrained))} is the committed one; "
-          f"the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
+    print(f"of the {others} leaderboard CSV rows not from {', '.join(sorted(pretrained))}, {others - len(nudged)} are "
+          f"the committed ones and {len(nudged)} moved within the cross-CPU tolerance ({_tolerance()}; largest "
+          f"|Δ mean| {max(nudged, default=0.0):.4f}: the CPUs' kernels round differently and flip near-tie "
+          f"predictions); the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
           f"(median {sorted(moved)[len(moved) // 2] if moved else 0.0:.3f}). The committed leaderboards are the "
           f"committed CPU's: restore them with `git checkout -- {folder}` rather than committing these.")
     return 0
+
+
+def _tolerance() -> str:
+    return "metrics ±0.01, p ±0.05"
 
 
 def main(argv: list[str] | None = None) -> int:
