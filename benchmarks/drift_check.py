@@ -173,10 +173,11 @@ def check(folder: str, exclude: list[str]) -> int:
         print("rows not from the pretrained weights moved beyond the cross-CPU tolerance "
               f"({_tolerance()}), so evaluation changed:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
+    within = (f" and {len(nudged)} moved within the cross-CPU tolerance ({_tolerance()}; largest |Δ mean| "
+              f"{max(nudged):.4f}: the CPUs' kernels round differently and flip near-tie predictions)" if nudged else "")
     print(f"of the {others} leaderboard CSV rows not from {', '.join(sorted(pretrained))}, {others - len(nudged)} are "
-          f"the committed ones and {len(nudged)} moved within the cross-CPU tolerance ({_tolerance()}; largest "
-          f"|Δ mean| {max(nudged, default=0.0):.4f}: the CPUs' kernels round differently and flip near-tie "
-          f"predictions); the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
+          f"the committed ones{within}; "
+          f"the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
           f"(median {sorted(moved)[len(moved) // 2] if moved else 0.0:.3f}). The committed leaderboards are the "
           f"committed CPU's: restore them with `git checkout -- {folder}` rather than committing these.")
     return 0

@@ -24,7 +24,7 @@ from retbench.config import RunConfig
 from retbench.errors import RetbenchError
 from retbench.features import FeatureCache, ImageDataset, extract, file_digest
 from retbench.pixel_cache import HEADER_SIZE, PixelCache, max_bytes_from_env, recipe_hash
-from retbench.preprocess import Preprocess
+from retbench.preprocess import Preprocess, normalize
 from retbench.runner import load_task_data
 
 CFP_TASK = "mx_dme_cfp_dr"  # 1000×1000 JPEG fundus photos
@@ -82,6 +82,19 @@ def test_run_with_and_without_the_pixel_cache_writes_the_same_numbers(data_root:
 
 
 # ------------------------------------------------------------------ damaged entries
+
+
+def test_an_encoder_returning_its_input_keeps_every_batch(cfp) -> None:
+    """extract() converts each batch into one reused float buffer on CPU: an encoder whose output is a view of its
+    input must still get every batch's own features, not the last batch's pixels written over earlier ones."""
+    import types
+
+    pre = Preprocess(size=8)
+    identity = types.SimpleNamespace(name="identity", device=torch.device("cpu"), autocast_dtype=None,
+                                     channels_last=False, encode_image=lambda x: x.flatten(1))
+    feats = extract(identity, cfp, pre, batch_size=5, num_workers=0)  # batches of 5, 5, 2
+    expected = normalize(torch.stack(_pixels(ImageDataset(cfp, pre))), pre).flatten(1).numpy()
+    assert feats.values.tobytes() == expected.tobytes()
 
 
 def _truncate(path: Path) -> None:

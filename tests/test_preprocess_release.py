@@ -103,6 +103,9 @@ def test_normalize_equals_the_full_formula_bit_for_bit(mean, std):
     x = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8)
     full = (x.float() / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.equal(normalize(x, Preprocess(mean=mean, std=std)), full)
+    buffer = torch.full((5, 3, 9, 7), float("nan"))  # a reused buffer, larger than the batch: its first rows
+    assert torch.equal(normalize(x, Preprocess(mean=mean, std=std), out=buffer), full)
+    assert torch.equal(buffer[:2], full) and buffer[2:].isnan().all()
 
 
 def test_task_crop_hint_selects_the_models_own_method():
