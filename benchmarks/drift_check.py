@@ -123,9 +123,10 @@ def compare_independent_rows(committed: str, current: str,
 
 
 def _changed(folder: str, exclude: list[str]) -> list[str]:
+    """``git status --porcelain`` lines (status code, path) of DIR, minus the exclusions and the weights' record."""
     spec = [folder, *(f":(exclude){e}" for e in exclude), f":(exclude){folder}/{RECORD}"]
     out = _git("status", "--porcelain", "--untracked-files=all", "--", *spec).stdout
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    return [line for line in out.splitlines() if line.strip()]
 
 
 def check(folder: str, exclude: list[str]) -> int:
@@ -141,15 +142,14 @@ def check(folder: str, exclude: list[str]) -> int:
         if ours != theirs:
             print(f"note: {record_path} differs from the committed one (the weights' record, not a leaderboard)")
         return 0
-    print(f"{folder}/ differ from the committed ones:\n  " + "\n  ".join(changed), file=sys.stderr)
-    same_weights = bool(theirs) and all(
-        theirs.get(r, {}).get("sha256") == ours[r]["sha256"] for r in ours)
-    other_cpu = sorted({theirs[r]["cpu"] for r in ours if r in theirs} - {ours[r]["cpu"] for r in ours})
-    if same_weights:
+    print(f"{folder}/ differ from the committed ones:\n  " + "\n  ".join(line[3:] for line in changed),
+          file=sys.stderr)
+    if bool(theirs) and all(theirs.get(r, {}).get("sha256") == ours[r]["sha256"] for r in ours):
         print("cause: the pretrained weights are the committed run's, so evaluation code or data changed",
               file=sys.stderr)
         return 1
-    this_cpu = "; ".join(sorted({v["cpu"] + ", MKL branch " + str(v["mkl_branch"]) for v in ours.values()}))
+    this_cpu = "; ".join(sorted({f"{v['cpu']}, MKL branch {v['mkl_branch']}" for v in ours.values()}))
+    other_cpu = sorted({theirs[r]["cpu"] for r in ours if r in theirs} - {ours[r]["cpu"] for r in ours})
     if not other_cpu:
         print(f"cause: pretraining gave other weights than the committed run's on the same CPU model ({this_cpu}): "
               f"it did not reproduce (or the committed record has no sha256); compare package versions in "
@@ -158,28 +158,37 @@ def check(folder: str, exclude: list[str]) -> int:
     print(f"cause: this CPU ({this_cpu}) is not the committed run's ({'; '.join(other_cpu)}): pretraining is "
           "bitwise reproducible only per CPU model (docs/pretraining.md, Determinism), so the pretrained models' "
           "rows differ; checking every other row against the committed one", file=sys.stderr)
-    pretrained = {f"local:{r}" for r in ours}
-    problems, nudged, moved, rows = [], [], [], 0
+    return _check_other_rows(folder, changed, {f"local:{r}" for r in ours})
+
+
+def _check_other_rows(folder: str, changed: list[str], pretrained: set[str]) -> int:
+    """Another CPU model: the boards may differ only in their contents (no file added or removed), and every CSV
+    row not from ``pretrained`` (``local:<recipe>``, the models' folder names) only within :data:`TOLERANCE`."""
+    problems = [f"{line[3:]}: {'added' if line.startswith('??') else 'removed'}" for line in changed
+                if line.startswith("??") or "D" in line[:2]]
+    nudged: list[float] = []
+    moved: list[float] = []
+    rows = 0
     for csv_path in sorted(Path(folder).glob("*.csv")):
         committed = _committed(str(csv_path))
         if committed is None:
-            problems.append(f"{csv_path}: not committed")
-            continue
+            continue  # reported above as added
         p, n, m = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
         problems += [f"{csv_path}: {x}" for x in p]
         nudged, moved, rows = nudged + n, moved + m, rows + len(_rows(committed))
-    others = rows - len(moved)
     if problems:
         print("rows not from the pretrained weights moved beyond the cross-CPU tolerance "
-              f"({_tolerance()}), so evaluation changed:\n  " + "\n  ".join(problems), file=sys.stderr)
+              f"({_tolerance()}), or files came or went, so evaluation changed:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
         return 1
+    others = rows - len(moved)
     within = (f" and {len(nudged)} moved within the cross-CPU tolerance ({_tolerance()}; largest |Δ mean| "
               f"{max(nudged):.4f}: the CPUs' kernels round differently and flip near-tie predictions)" if nudged else "")
     print(f"of the {others} leaderboard CSV rows not from {', '.join(sorted(pretrained))}, {others - len(nudged)} are "
-          f"the committed ones{within}; "
-          f"the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ {max(moved, default=0.0):.3f} "
-          f"(median {sorted(moved)[len(moved) // 2] if moved else 0.0:.3f}). The committed leaderboards are the "
-          f"committed CPU's: restore them with `git checkout -- {folder}` rather than committing these.")
+          f"the committed ones{within}; the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ "
+          f"{max(moved, default=0.0):.3f} (median {sorted(moved)[len(moved) // 2] if moved else 0.0:.3f}). The "
+          f"committed leaderboards are the committed CPU's: restore them with `git checkout -- {folder}` rather than "
+          "committing these.")
     return 0
 
 

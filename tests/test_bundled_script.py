@@ -33,6 +33,7 @@ case $cmd in
               "mkl_branch": "AVX2", "threads": 2, "packages": {"torch": "0"}}}}' "${FAKE_CPU:-CPU A}" \\
               > "$out/retbench_model.json" ;;
   leaderboard) mkdir -p "$out" && echo "${FAKE_BOARD:-board}" > "$out/linear_probe.md"
+               [ -z "${FAKE_EXTRA:-}" ] || echo extra > "$out/extra.md"
                printf 'protocol,model,task,metric,k,mean,best\\n%s\\n%s\\n' \\
                  "linear_probe,classical.default,t,aca,,${FAKE_BASELINE:-0.5},0" \\
                  "linear_probe,local:flair,t,aca,,${FAKE_PRETRAINED:-0.6},1" > "$out/linear_probe.csv" ;;
@@ -169,3 +170,10 @@ def test_another_cpu_allows_baseline_rows_only_the_cross_cpu_tolerance(repo: Pat
         assert "rows not from the pretrained weights moved beyond the cross-CPU tolerance" in res.stderr
         assert ("leaderboards/quick/linear_probe.csv: row linear_probe/classical.default/t/aca: mean moved 0.0500 "
                 "(> 0.01)") in res.stderr
+
+
+def test_another_cpu_fails_when_a_board_file_comes_or_goes(repo: Path) -> None:
+    res = _bash(["benchmarks/bundled.sh"], cwd=repo, FAKE_PRETRAINED="0.65", FAKE_WEIGHTS="other", FAKE_CPU="CPU B",
+                FAKE_EXTRA="1")
+    assert res.returncode == 1
+    assert "leaderboards/quick/extra.md: added" in res.stderr
