@@ -27,9 +27,9 @@
 # changing what is benchmarked): other evaluation, or other pretrained weights (leaderboards/**/
 # pretrained_weights.json records their sha256 and the CPU they came from). Pretraining gives the same weights
 # on the same CPU model with the same package versions (.ci/constraints.txt; retbench/determinism.py); on
-# another CPU model the check passes when every leaderboard row not from the pretrained weights is the committed
-# one, and says how far the pretrained models' rows moved (benchmarks/drift_check.py). Finished pretraining and
-# results are skipped on a rerun (features are cached).
+# another CPU model the check passes when every leaderboard row not from the pretrained weights matches the
+# committed one within rounding, and says how far the pretrained models' rows moved (benchmarks/drift_check.py).
+# Finished pretraining and results are skipped on a rerun (features are cached).
 set -euo pipefail
 
 usage() {

@@ -33,6 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from retbench.atomic_files import atomic_write_json
+from retbench.determinism import cpu_label
+
 RECORD = "pretrained_weights.json"
 CROSS_MODEL_COLUMNS = ("best", "best_baseline", "p_adjusted", "stars")
 """CSV columns that depend on every model of a table (or every baseline), so on the pretrained ones too, or that
@@ -41,10 +44,13 @@ TOLERANCE = {"mean": 0.01, "ci_low": 0.01, "ci_high": 0.01, "se": 0.01, "delta":
 """How far a row not from the pretrained weights may move on another CPU model: the CPUs' kernels round
 differently (MKL's GEMM branch is not the same), which flips a few near-tie predictions — measured, Intel Xeon vs
 AMD EPYC: 2 task rows of ~130 moved, by at most 0.004 (metric) and 0.024 (p); every CI on the boards is wider."""
+TOLERANCE_TEXT = "metrics ±0.01, p ±0.05"
 ROW_KEY = ("protocol", "model", "task", "metric", "k")
 
 
+
 def _sha256(path: Path) -> str:
+    """The file's sha256 (not ``retbench.data.archives.file_sha256``: importing ``retbench.data`` takes 1.4 s)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
@@ -59,12 +65,9 @@ def weights_record(runs: Path, recipes: list[str]) -> dict[str, dict[str, Any]]:
         folder = runs / recipe
         card = json.loads((folder / "retbench_model.json").read_text(encoding="utf-8")).get("card", {})
         det = card.get("determinism", {})
-        cpu = det.get("cpu") or {}
-        flags = cpu.get("isa_flags", "unknown")
         out[recipe] = {
             "sha256": _sha256(folder / "model.safetensors"),
-            "cpu": f"{cpu.get('vendor', 'unknown')} {cpu.get('model', 'unknown')} "
-                   f"({flags if isinstance(flags, str) else ' '.join(flags)})",
+            "cpu": cpu_label(det.get("cpu") or {}),
             "mkl_branch": det.get("mkl_branch", "not recorded"),
             "threads": det.get("threads"),
             "packages": ", ".join(f"{k} {v}" for k, v in sorted((det.get("packages") or {}).items())),
@@ -99,9 +102,9 @@ def _cell_problem(column: str, old: str, new: str | None) -> str | None:
 
 
 def compare_independent_rows(committed: str, current: str,
-                             pretrained: set[str]) -> tuple[list[str], list[float], list[float]]:
+                             pretrained: set[str]) -> tuple[list[str], list[float], list[float], int]:
     """Problems in the rows not from ``pretrained`` models; |Δ mean| of those rows that moved within tolerance;
-    |Δ mean| of the pretrained models' rows."""
+    |Δ mean| of the pretrained models' rows; how many committed rows are not the pretrained models'."""
     old, new = _rows(committed), _rows(current)
     problems, nudged, moved = [], [], []
     for key in sorted(set(old) | set(new)):
@@ -119,7 +122,7 @@ def compare_independent_rows(committed: str, current: str,
             problems.append(f"row {name}: {', '.join(cells)}")
         elif gap:
             nudged.append(gap)
-    return problems, nudged, moved
+    return problems, nudged, moved, sum(key[1] not in pretrained for key in old)
 
 
 def _changed(folder: str, exclude: list[str]) -> list[str]:
@@ -168,21 +171,20 @@ def _check_other_rows(folder: str, changed: list[str], pretrained: set[str]) -> 
                 if line.startswith("??") or "D" in line[:2]]
     nudged: list[float] = []
     moved: list[float] = []
-    rows = 0
+    others = 0
     for csv_path in sorted(Path(folder).glob("*.csv")):
         committed = _committed(str(csv_path))
         if committed is None:
             continue  # reported above as added
-        p, n, m = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
+        p, n, m, o = compare_independent_rows(committed, csv_path.read_text(encoding="utf-8"), pretrained)
         problems += [f"{csv_path}: {x}" for x in p]
-        nudged, moved, rows = nudged + n, moved + m, rows + len(_rows(committed))
+        nudged, moved, others = nudged + n, moved + m, others + o
     if problems:
         print("rows not from the pretrained weights moved beyond the cross-CPU tolerance "
-              f"({_tolerance()}), or files came or went, so evaluation changed:\n  " + "\n  ".join(problems),
+              f"({TOLERANCE_TEXT}), or files came or went, so evaluation changed:\n  " + "\n  ".join(problems),
               file=sys.stderr)
         return 1
-    others = rows - len(moved)
-    within = (f" and {len(nudged)} moved within the cross-CPU tolerance ({_tolerance()}; largest |Δ mean| "
+    within = (f" and {len(nudged)} moved within the cross-CPU tolerance ({TOLERANCE_TEXT}; largest |Δ mean| "
               f"{max(nudged):.4f}: the CPUs' kernels round differently and flip near-tie predictions)" if nudged else "")
     print(f"of the {others} leaderboard CSV rows not from {', '.join(sorted(pretrained))}, {others - len(nudged)} are "
           f"the committed ones{within}; the pretrained models' {len(moved)} rows moved by |Δ mean| ≤ "
@@ -190,10 +192,6 @@ def _check_other_rows(folder: str, changed: list[str], pretrained: set[str]) -> 
           f"committed leaderboards are the committed CPU's: restore them with `git checkout -- {folder}` rather than "
           "committing these.")
     return 0
-
-
-def _tolerance() -> str:
-    return "metrics ±0.01, p ±0.05"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,12 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--exclude", action="append", default=[])
     args = parser.parse_args(argv)
     if args.cmd == "record":
-        target = Path(args.folder) / RECORD
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(weights_record(args.runs, args.recipes), indent=2, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        tmp.replace(target)
+        atomic_write_json(Path(args.folder) / RECORD, weights_record(args.runs, args.recipes))
         return 0
     status = check(args.folder.rstrip("/"), args.exclude)
     if status and os.environ.get("RETBENCH_ALLOW_DRIFT"):

@@ -72,6 +72,14 @@ def cpu_description() -> dict[str, Any]:
     }
 
 
+def cpu_label(cpu: dict[str, Any]) -> str:
+    """A :func:`cpu_description` on one line: ``vendor model (flags)`` (what model cards and the main job's weights
+    record show, and what the drift check compares)."""
+    flags = cpu.get("isa_flags", "unknown")
+    flags = flags if isinstance(flags, str) else " ".join(flags)
+    return f"{cpu.get('vendor', 'unknown')} {cpu.get('model', 'unknown')} ({flags})"
+
+
 MKL_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX",
                 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
 """MKL's conditional-numerical-reproducibility branch codes (``mkl_cbwr_get(MKL_CBWR_BRANCH)``) by name."""

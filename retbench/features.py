@@ -225,7 +225,8 @@ def extract(
     memory_format = torch.channels_last if cuda and adapter.channels_last else torch.contiguous_format
     outputs, rows, bad = [], [], []
     written = 0
-    buffer: torch.Tensor | None = None  # CPU: one float batch, reused (see normalize)
+    on_cpu = device.type == "cpu"
+    buffer: torch.Tensor | None = None  # CPU only: one float batch, reused (see normalize)
     start = time.perf_counter()
     with progress_bar(f"extract {adapter.name} {'joint' if joint else 'features'}", len(examples)) as advance:
         for idx, pixels, errors, wrote in loader:
@@ -237,11 +238,10 @@ def extract(
                     raise DataError(f"unreadable image {_path_of(examples, i)}: {err} (use --skip-bad-images to skip)")
                 bad.append(examples.ids[i])
             if pixels is not None:
-                if device.type == "cpu" and (buffer is None or len(buffer) < len(pixels)
-                                             or buffer.shape[1:] != pixels.shape[1:]):
+                if on_cpu and (buffer is None or len(buffer) < len(pixels) or buffer.shape[1:] != pixels.shape[1:]):
                     buffer = torch.empty(pixels.shape, dtype=torch.float32)
                 x = normalize(pixels.to(device, non_blocking=True), preprocess,
-                              out=buffer if device.type == "cpu" else None).contiguous(memory_format=memory_format)
+                              out=buffer).contiguous(memory_format=memory_format)
                 with autocast:
                     out = encode(x).float()
                 if buffer is not None and out.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():

@@ -166,8 +166,9 @@ def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
     pinned = report["cpu_capability"] == "AVX2"
     cpu = report["cpu"]["model"]
     mkl = report.get("mkl_branch", "unknown")
-    mkl_note = ("MKL branch AVX2" if mkl == "AVX2" else
-                f"MKL branch {mkl}: MKL ignored the AVX2 pin on this CPU" if mkl != "unknown" else "MKL branch unknown")
+    mkl_note = f"MKL branch {mkl}"
+    if mkl not in ("AVX2", "unknown"):
+        mkl_note += ": MKL ignored the AVX2 pin on this CPU"
     report["holds"] = (
         f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
         f"same CPU model ({cpu}; kernels pinned to AVX2, {mkl_note}); another CPU model may give other weights "
@@ -297,9 +298,10 @@ def _trained_with(report: dict[str, Any]) -> str:
     cpu, packages = report.get("cpu"), report.get("packages")
     if not cpu or not packages:
         return "not recorded"
-    flags = cpu["isa_flags"] if isinstance(cpu["isa_flags"], str) else " ".join(cpu["isa_flags"])
+    from retbench.determinism import cpu_label
+
     versions = ", ".join(f"{k} {v}" for k, v in packages.items() if v != "not installed")
-    return f"{cpu['vendor']} {cpu['model']} ({flags}); {report.get('threads')} threads; {versions}"
+    return f"{cpu_label(cpu)}; {report.get('threads')} threads; {versions}"
 
 
 def model_card(card: dict[str, Any], config: PretrainConfig) -> str:
