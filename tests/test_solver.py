@@ -201,6 +201,43 @@ def test_solver_choice() -> None:
     assert stats["backend"] == "torch" and p.shape == (200, 3)
 
 
+def test_solver_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$RETBENCH_SOLVER_THREADS sets the torch threads of a CPU solve (default 1), is recorded, and the answers stay."""
+    import retbench.solver as solver_module
+    from retbench.protocols.base import solver_threads
+
+    seen: list[int] = []
+    hvp = solver_module._Solve.hvp
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return hvp(self, *args)
+
+    monkeypatch.setattr(solver_module._Solve, "hvp", spy)
+    x, y, fit, test = problem()
+    x = np.repeat(x, 4, axis=0) + np.random.default_rng(0).normal(0, 0.1, (2400, 20))  # products worth splitting
+    y, fit, test = np.repeat(y, 4), np.arange(1600), np.arange(1600, 2400)
+    probes = [Probe(fit[s::2], C, test) for s in (0, 1) for C in (0.1, 10.0)]
+    previous = torch.get_num_threads()
+    runs = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("RETBENCH_SOLVER_THREADS", threads)
+        stats: dict = {}
+        seen.clear()
+        runs[threads] = solve_probes(x, y, 3, probes, CPU, True, True, stats, solver="torch")
+        assert stats["threads"] == int(threads) == solver_threads()
+        assert set(seen) == {min(int(threads), previous)}
+    assert torch.get_num_threads() == previous  # restored
+    for a, b in zip(runs["1"], runs["2"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    monkeypatch.delenv("RETBENCH_SOLVER_THREADS")
+    assert solver_threads() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("RETBENCH_SOLVER_THREADS", bad)
+        with pytest.raises(ValueError, match="RETBENCH_SOLVER_THREADS must be a positive integer"):
+            solver_threads()
+
+
 def test_timing_sections() -> None:
     """Sections add up inside the innermost open collection and cost nothing outside one."""
     from retbench.timing import collect, profile_rows, profile_table, timed, timed_calls

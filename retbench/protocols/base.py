@@ -9,6 +9,7 @@ satisfy :class:`EvaluationProtocol`; the registry refuses those that do not.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -298,7 +299,10 @@ def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Prob
     yt = torch.as_tensor(y, device=device)
     out: list[np.ndarray | None] = [None] * len(probes)
     solved: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # fit rows → latest solver-space solution
-    with progress_bar(f"fit {len(probes)} probes", len(probes)) as advance, cpu_threads(1, device):
+    threads = solver_threads()
+    if stats is not None:
+        stats["threads"] = threads if device.type == "cpu" else None
+    with progress_bar(f"fit {len(probes)} probes", len(probes)) as advance, cpu_threads(threads, device):
         for batch in _batches_by_c(probes):
             keys = [np.asarray(probes[i].fit).tobytes() for i in batch]
             models = _fit_batch(xt, yt, n_classes, [probes[i] for i in batch], balanced, standardize,
@@ -358,10 +362,28 @@ def _solve_sklearn(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Pr
     return cast("list[np.ndarray]", out)  # every probe was fitted, so no None is left
 
 
+SOLVER_THREADS_ENV = "RETBENCH_SOLVER_THREADS"
+
+
+def solver_threads() -> int:
+    """Torch threads of a batched probe solve on CPU: ``$RETBENCH_SOLVER_THREADS``, default 1.
+
+    One thread is the default because it is robust: on 2 cores, 2 threads solved the eye4class
+    C search 1.8× faster when the machine was otherwise idle but 1.6× *slower* than one thread
+    while another process kept one core busy (OpenMP threads spin waiting for each other;
+    docs/benchmarks.md). Give a job with dedicated cores (a Slurm task's ``--cpus-per-task``) more.
+    The answers did not change with the thread count on the problems measured (the products
+    split their output, not their sums), but a BLAS library is free to split differently.
+    """
+    raw = os.environ.get(SOLVER_THREADS_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${SOLVER_THREADS_ENV} must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
 @contextmanager
 def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
-    """Limit torch's intra-op threads on CPU (L-BFGS is many small ops: on 2 cores, two OpenMP
-    threads made the solve 6x slower than one, and far worse when another process is busy)."""
+    """Limit torch's intra-op threads on CPU to ``n`` (at most what torch already uses) for the block."""
     if device.type != "cpu":
         yield
         return
