@@ -12,9 +12,9 @@ Layout, under ``<cache>/pixels/``::
     <recipe hash>/<c[:2]>/<c>.px           one image: c = sha256 of the image file's bytes
 
 Each entry is a 64-byte header (magic, version, channels, height, width, the payload's CRC-32 and length, and
-the first 32 bytes of the entry's key) followed by the raw ``uint8`` (C, H, W) pixels; it is read through a
-memory map. An entry whose size, header, key or CRC does not match is reported in one ``warning:`` line and
-rebuilt from the image, never read as pixels.
+the first 32 bytes of the entry's key) followed by the raw ``uint8`` (C, H, W) pixels; it is read with one
+``readv`` into the array the pixels are returned in. An entry whose size, header, key or CRC does not match is
+reported in one ``warning:`` line and rebuilt from the image, never read as pixels.
 
 Concurrency: entries are written whole to a temporary file and renamed (:func:`atomic_write_bytes`), so two
 processes writing one entry (a sweep's parallel jobs) each rename a complete file, and a reader sees a complete
@@ -31,7 +31,6 @@ import errno
 import functools
 import hashlib
 import json
-import mmap
 import os
 import struct
 import time
@@ -96,6 +95,7 @@ class PixelCache:
         self.max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
         self._write_failed = False
         self._recipes: dict[str, Path] = {}
+        self._folders: dict[Preprocess, str] = {}
 
     # ------------------------------------------------------------------ layout
     def folder(self, preprocess: Preprocess) -> Path:
@@ -115,7 +115,7 @@ class PixelCache:
     # ------------------------------------------------------------------ read / write
     def get(self, preprocess: Preprocess, digest: str) -> torch.Tensor | None:
         """The cached pixels, or ``None`` (absent; or damaged: warned once, to be rebuilt by :meth:`put`)."""
-        path = self.path(preprocess, digest)
+        path = self._entry_path(preprocess, digest)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -124,8 +124,12 @@ class PixelCache:
             st = os.fstat(fd)
             if st.st_size < HEADER_SIZE:
                 return self._damaged(path, f"{st.st_size} bytes, shorter than its header")
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
-                tensor = self._decode(mm, st.st_size, self._key(preprocess, digest), path)
+            # one read into the array the tensor will own: no map to set up and tear down, no second copy
+            buf = np.empty(st.st_size, dtype=np.uint8)
+            got = os.readv(fd, [buf])
+            if got != st.st_size:
+                return self._damaged(path, f"read {got} of its {st.st_size} bytes")
+            tensor = self._decode(buf, self._key(preprocess, digest), path)
         except (OSError, ValueError) as exc:
             return self._damaged(path, f"{type(exc).__name__}: {exc}")
         finally:
@@ -135,25 +139,29 @@ class PixelCache:
                 os.utime(path)  # least recently *used* goes first
         return tensor
 
-    def _decode(self, mm: mmap.mmap, size: int, key: bytes, path: Path) -> torch.Tensor | None:
-        magic, version, c, h, w, crc, length, stored_key = HEADER.unpack_from(mm, 0)
+    def _entry_path(self, preprocess: Preprocess, digest: str) -> str:
+        """:meth:`path` as a string, its recipe folder worked out once per recipe (a hit's path is on the hot path)."""
+        folder = self._folders.get(preprocess)
+        if folder is None:
+            folder = self._folders[preprocess] = str(self.folder(preprocess))
+        return f"{folder}/{digest[:2]}/{digest}{SUFFIX}"
+
+    def _decode(self, buf: np.ndarray, key: bytes, path: str | Path) -> torch.Tensor | None:
+        """The pixels of an entry's bytes ``buf`` (header and payload), or None when they are not a sound entry."""
+        magic, version, c, h, w, crc, length, stored_key = HEADER.unpack_from(buf, 0)
         if magic != MAGIC or version != VERSION:
             return self._damaged(path, "not a pixel cache entry (bad magic or version)")
-        if length != c * h * w or size != HEADER_SIZE + length:
-            return self._damaged(path, f"{size} bytes, its header says {HEADER_SIZE + c * h * w} (truncated?)")
+        if length != c * h * w or len(buf) != HEADER_SIZE + length:
+            return self._damaged(path, f"{len(buf)} bytes, its header says {HEADER_SIZE + c * h * w} (truncated?)")
         if stored_key != key:
             return self._damaged(path, "its key does not match its name (moved or replaced)")
-        view = memoryview(mm)[HEADER_SIZE:]
-        try:
-            if zlib.crc32(view) != crc:
-                return self._damaged(path, "its CRC-32 does not match (damaged)")
-            array = np.frombuffer(view, dtype=np.uint8).reshape(c, h, w).copy()
-        finally:
-            view.release()
-        return torch.from_numpy(array)
+        payload = buf[HEADER_SIZE:]
+        if zlib.crc32(payload) != crc:
+            return self._damaged(path, "its CRC-32 does not match (damaged)")
+        return torch.from_numpy(payload.reshape(c, h, w))
 
     @staticmethod
-    def _damaged(path: Path, why: str) -> None:
+    def _damaged(path: str | Path, why: str) -> None:
         warn(f"pixel cache entry {path} is damaged ({why}); rebuilding it from the image")
         return None
 
