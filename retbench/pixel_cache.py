@@ -126,7 +126,7 @@ class PixelCache:
                 return self._damaged(path, f"{st.st_size} bytes, shorter than its header")
             # one read into the array the tensor will own: no map to set up and tear down, no second copy
             buf = np.empty(st.st_size, dtype=np.uint8)
-            got = os.readv(fd, [memoryview(buf)])
+            got = os.readv(fd, [buf.data])
             if got != st.st_size:
                 return self._damaged(path, f"read {got} of its {st.st_size} bytes")
             tensor = self._decode(buf, self._key(preprocess, digest), path)
@@ -148,7 +148,7 @@ class PixelCache:
 
     def _decode(self, buf: np.ndarray, key: bytes, path: str | Path) -> torch.Tensor | None:
         """The pixels of an entry's bytes ``buf`` (header and payload), or None when they are not a sound entry."""
-        magic, version, c, h, w, crc, length, stored_key = HEADER.unpack_from(memoryview(buf), 0)
+        magic, version, c, h, w, crc, length, stored_key = HEADER.unpack_from(buf.data, 0)
         if magic != MAGIC or version != VERSION:
             return self._damaged(path, "not a pixel cache entry (bad magic or version)")
         if length != c * h * w or len(buf) != HEADER_SIZE + length:
@@ -156,7 +156,7 @@ class PixelCache:
         if stored_key != key:
             return self._damaged(path, "its key does not match its name (moved or replaced)")
         payload = buf[HEADER_SIZE:]
-        if zlib.crc32(memoryview(payload)) != crc:
+        if zlib.crc32(payload.data) != crc:
             return self._damaged(path, "its CRC-32 does not match (damaged)")
         return torch.from_numpy(payload.reshape(c, h, w))
 
