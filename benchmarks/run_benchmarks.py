@@ -18,7 +18,9 @@ Three measurements, each a ratio against a baseline taken in the same run:
     loop runs with the first of lbfgs at tol 1e-4 … 1e-7, then newton-cg at tol 1e-4 … 1e-7, that
     brings every problem's ACA within 0.005 of it (lbfgs's default 1e-4 stops up to 0.03 away at
     C = 100, and on some sweeps lbfgs stalls short of 0.005 at any tol). Target ≥ 2×; retbench's own largest
-    |ACA difference| from the converged answer, target ≤ 0.005.
+    |ACA difference| from the converged answer, target ≤ 0.005. retbench runs on one thread (its default) and
+    again on every core (``RETBENCH_SOLVER_THREADS``); ``--contended`` adds both while another process keeps
+    one core busy.
 (c) a cold ``retbench.run`` (``timm:resnet18`` × one task × ``linear_probe``, empty cache and
     results) ÷ a rerun with the feature cache warm and ``overwrite=True``. Target ≥ 20×.
 
@@ -179,8 +181,40 @@ def probe_features(root: str, size: dict[str, Any], cache_dir: str) -> tuple[Any
     return task, feats, time.perf_counter() - start
 
 
+def _timed_solve(x: Any, y: Any, n_classes: int, probes: list, threads: int) -> tuple[float, list]:
+    """Seconds and probabilities of one solve_probes call with ``RETBENCH_SOLVER_THREADS=threads``."""
+    import torch
+
+    from retbench.protocols.base import solve_probes
+
+    previous = os.environ.get("RETBENCH_SOLVER_THREADS")
+    os.environ["RETBENCH_SOLVER_THREADS"] = str(threads)
+    try:
+        start = time.perf_counter()
+        probas = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True)
+        return time.perf_counter() - start, probas
+    finally:
+        if previous is None:
+            del os.environ["RETBENCH_SOLVER_THREADS"]
+        else:
+            os.environ["RETBENCH_SOLVER_THREADS"] = previous
+
+
+def _contended_solves(x: Any, y: Any, n_classes: int, probes: list, cores: int) -> dict[int, float]:
+    """Solve times on 1 and on ``cores`` threads while another process keeps one core busy (a shared machine)."""
+    import subprocess
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        return {threads: _timed_solve(x, y, n_classes, probes, threads)[0] for threads in (1, cores)}
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def bench_probes(root: str, size: dict[str, Any], table: Table, cache_dir: str,
-                 sklearn_threads: tuple[int | None, ...]) -> dict[str, Any]:
+                 sklearn_threads: tuple[int | None, ...], contend: bool = False) -> dict[str, Any]:
     import numpy as np
     import torch
     from sklearn.exceptions import ConvergenceWarning
@@ -239,18 +273,18 @@ def bench_probes(root: str, size: dict[str, Any], table: Table, cache_dir: str,
     table.add(section, "  retbench max |ACA diff| vs converged", ours_diff, "{:.4f}", "<= 0.005", ours_diff <= 0.005)
     # the opt-in: as many solver threads as cores (RETBENCH_SOLVER_THREADS), same problems
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threaded_s, threaded_same = None, None
+    threaded_s, threaded_same, contended = None, None, {}
     if cores > 1:
-        os.environ["RETBENCH_SOLVER_THREADS"] = str(cores)
-        try:
-            start = time.perf_counter()
-            threaded = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True)
-            threaded_s = time.perf_counter() - start
-        finally:
-            del os.environ["RETBENCH_SOLVER_THREADS"]
+        threaded_s, threaded = _timed_solve(x, y, n_classes, probes, cores)
         threaded_same = float(max(np.abs(a - b).max() for a, b in zip(probas, threaded)))
         table.add(section, f"retbench solve_probes, RETBENCH_SOLVER_THREADS={cores} (s)", threaded_s, "{:.1f}")
         table.add(section, "  its max |probability diff| vs 1 thread", threaded_same, "{:.1e}")
+        if contend:
+            contended = _contended_solves(x, y, n_classes, probes, cores)
+            for threads, seconds in contended.items():
+                table.add(section, f"  with one core busy elsewhere, {threads} thread(s) (s)", seconds, "{:.1f}")
+            table.add(section, f"  busy core: {cores} threads ÷ 1 thread (time)", contended[cores] / contended[1],
+                      "{:.2f}")
     # scikit-learn's lbfgs loop: its default tol, then the loosest tol that reaches equal ACA (within 0.005 of converged)
     sk: dict[str, Any] = {}
     default_s, default_aca, default_iters, default_warned = sklearn_loop(1)
@@ -279,7 +313,8 @@ def bench_probes(root: str, size: dict[str, Any], table: Table, cache_dir: str,
         "features": list(x.shape), "features_from_cache": feats.from_cache, "Cs": Cs, "seeds": size["seeds"],
         "converged_reference_s": ref_s, "converged_reference_iterations": ref_iters, "retbench_s": ours_s,
         "retbench_stats": stats, "retbench_max_abs_aca_diff": ours_diff, "retbench_threaded_s": threaded_s,
-        "retbench_threads": cores, "retbench_threaded_max_abs_proba_diff": threaded_same, "sklearn": sk,
+        "retbench_threads": cores, "retbench_threaded_max_abs_proba_diff": threaded_same,
+        "retbench_contended_s": contended, "sklearn": sk,
         "equal_aca_tol": equal_tol, "equal_aca_solver": equal_solver,
         "aca_retbench": ours.tolist(), "aca_converged": converged.tolist(), "load_after": os.getloadavg(),
     }
@@ -357,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="BLAS threads of the scikit-learn loop at equal ACA in (b): 'both' times it with one thread "
                              "(its tolerance ladder always runs on one) and again with the library default, which can "
                              "take minutes when another process is busy (default: both)")
+    parser.add_argument("--contended", action="store_true",
+                        help="(b) also times the solve on 1 thread and on every core while another process keeps one "
+                             "core busy: what RETBENCH_SOLVER_THREADS costs on a shared machine")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write all figures as JSON to PATH")
     parser.add_argument("--verbose", action="store_true", help="show retbench's progress bars")
     args = parser.parse_args(argv)
@@ -383,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if "b" in args.only:
         choice = args.sklearn_threads or "both"
         threads = {"both": (1, None), "1": (1,), "default": (None,)}[choice]
-        results["probes"] = bench_probes(root, size, table, cache_dir, threads)
+        results["probes"] = bench_probes(root, size, table, cache_dir, threads, args.contended)
     if "c" in args.only:
         results["run"] = bench_run(root, size, table)
     results["table"] = table.rows

@@ -369,11 +369,12 @@ def solver_threads() -> int:
     """Torch threads of a batched probe solve on CPU: ``$RETBENCH_SOLVER_THREADS``, default 1.
 
     One thread is the default because it is robust: on 2 cores, 2 threads solved the eye4class
-    C search 1.8× faster when the machine was otherwise idle but 1.6× *slower* than one thread
-    while another process kept one core busy (OpenMP threads spin waiting for each other;
-    docs/benchmarks.md). Give a job with dedicated cores (a Slurm task's ``--cpus-per-task``) more.
-    The answers did not change with the thread count on the problems measured (the products
-    split their output, not their sums), but a BLAS library is free to split differently.
+    C search 1.5-1.8× faster when the machine was otherwise idle but 1.6-2.2× *slower* than one
+    thread while another process kept one core busy (OpenMP threads spin waiting for each other;
+    ``benchmarks/run_benchmarks.py --only b --contended``, docs/benchmarks.md). Give a job with
+    dedicated cores (a Slurm task's ``--cpus-per-task``) more. The answers did not change with the
+    thread count on the problems measured (the products split their output, not their sums), but a
+    BLAS library is free to split differently.
     """
     raw = os.environ.get(SOLVER_THREADS_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
