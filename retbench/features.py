@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from retbench.adapters import Adapter
+from retbench.allocator import tune_malloc
 from retbench.atomic_files import atomic_write_bytes, atomic_write_json
 from retbench.data.examples import Examples, FileImages
 from retbench.errors import DataError, warn
@@ -209,6 +210,8 @@ def extract(
     outputs stay on the device until the end (no host sync per batch).
     """
     device = adapter.device
+    if device.type == "cpu":
+        tune_malloc()  # each batch's large buffers reused, not page-faulted in anew (retbench.allocator)
     batch_size = batch_size or auto_batch_size(adapter, preprocess, joint)
     workers = default_workers() if num_workers is None else num_workers
     on_device = preprocess.decoder == "nvjpeg"
