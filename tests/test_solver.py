@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
+from retbench.errors import RetbenchError
 from retbench.protocols.base import Probe, solve_probes
 from retbench.solver import balanced_weights, fit_logistic, standardizer
 
@@ -234,7 +235,7 @@ def test_solver_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert solver_threads() == 1
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("RETBENCH_SOLVER_THREADS", bad)
-        with pytest.raises(ValueError, match="RETBENCH_SOLVER_THREADS must be a positive integer"):
+        with pytest.raises(RetbenchError, match="RETBENCH_SOLVER_THREADS must be a positive integer"):
             solver_threads()
 
 

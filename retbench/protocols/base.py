@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from retbench.data.examples import Examples
+from retbench.errors import RetbenchError
 from retbench.metrics import compute_metrics
 from retbench.progress import progress_bar
 from retbench.registry import Contract
@@ -378,7 +379,7 @@ def solver_threads() -> int:
     """
     raw = os.environ.get(SOLVER_THREADS_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"${SOLVER_THREADS_ENV} must be a positive integer, not {raw!r}")
+        raise RetbenchError(f"${SOLVER_THREADS_ENV} must be a positive integer, not {raw!r}")
     return int(raw)
 
 
