@@ -4,8 +4,9 @@ Layers, lowest first. A module may import modules of its own layer and of the la
 Every import counts: at module level, inside functions (lazy) and under ``TYPE_CHECKING``.
 
 0. foundation      errors, atomic_files, registry, config, determinism, environment, progress, solver, timing, metrics,
-                   weighted_metrics, resampling, stats, and the ``retbench.protocols`` package itself (the registry of
-                   protocol names, whose protocols load lazily by name; the protocols proper are layer 4)
+                   weighted_metrics, resampling, stats, allocator (glibc malloc tuning), and the ``retbench.protocols``
+                   package itself (the registry of protocol names, whose protocols load lazily by name; the protocols
+                   proper are layer 4)
 1. spec and data   spec/, tasks, preprocess, data/, weights, text_tokenizers, text_towers, local_model_format
 2. adapters        adapters (and any retbench/adapters*.py), model_adapters/ (installed as retbench.model_adapters)
 3. features, store features (image features, cached), pixel_cache (preprocessed pixels), gpu_decode
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("retbench.errors", "retbench.atomic_files", "retbench.registry", "retbench.config",
                     "retbench.determinism", "retbench.environment", "retbench.progress", "retbench.solver", "retbench.timing",
                     "retbench.metrics", "retbench.weighted_metrics", "retbench.resampling", "retbench.stats",
-                    "retbench.protocols")),
+                    "retbench.allocator", "retbench.protocols")),
     ("spec and data", ("retbench.spec", "retbench.spec.*", "retbench.tasks", "retbench.preprocess", "retbench.data",
                        "retbench.data.*", "retbench.weights", "retbench.text_tokenizers", "retbench.text_towers",
                        "retbench.local_model_format")),
