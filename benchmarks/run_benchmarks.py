@@ -45,6 +45,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a source checkout without installing
@@ -187,17 +188,10 @@ def _timed_solve(x: Any, y: Any, n_classes: int, probes: list, threads: int) -> 
 
     from retbench.protocols.base import solve_probes
 
-    previous = os.environ.get("RETBENCH_SOLVER_THREADS")
-    os.environ["RETBENCH_SOLVER_THREADS"] = str(threads)
-    try:
+    with mock.patch.dict(os.environ, {"RETBENCH_SOLVER_THREADS": str(threads)}):
         start = time.perf_counter()
         probas = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True)
         return time.perf_counter() - start, probas
-    finally:
-        if previous is None:
-            del os.environ["RETBENCH_SOLVER_THREADS"]
-        else:
-            os.environ["RETBENCH_SOLVER_THREADS"] = previous
 
 
 def _contended_solves(x: Any, y: Any, n_classes: int, probes: list, cores: int) -> dict[int, float]:

@@ -13,30 +13,24 @@ leaves glibc's defaults.
 from __future__ import annotations
 
 import ctypes
-import os
+import functools
 import sys
+
+from retbench.config import env_flag
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30
 DISABLE_ENV = "RETBENCH_NO_MALLOC_TUNING"
 
-_state: dict[str, bool] = {}
-
-
+@functools.cache
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds to :data:`THRESHOLD`, once per process; True when they are in effect.
 
     False (and nothing changed) off Linux, without glibc's ``mallopt``, or when ``$RETBENCH_NO_MALLOC_TUNING`` is
-    set to anything but ``""``/``0``/``false``/``no``.
+    set (:func:`retbench.config.env_flag`).
     """
-    if "tuned" not in _state:
-        _state["tuned"] = _tune()
-    return _state["tuned"]
-
-
-def _tune() -> bool:
-    if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+    if env_flag(DISABLE_ENV):
         return False
     if not sys.platform.startswith("linux"):
         return False

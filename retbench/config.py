@@ -20,9 +20,14 @@ def default_cache_dir() -> str:
     return os.environ.get("RETBENCH_CACHE") or str(Path.home() / ".cache" / "retbench")
 
 
+def env_flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to anything but ``""``, ``0``, ``false`` or ``no``."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def pixel_cache_allowed() -> bool:
-    """False when ``$RETBENCH_NO_PIXEL_CACHE`` is set (to anything but ``""``, ``0``, ``false`` or ``no``)."""
-    return os.environ.get("RETBENCH_NO_PIXEL_CACHE", "").strip().lower() in ("", "0", "false", "no")
+    """False when ``$RETBENCH_NO_PIXEL_CACHE`` is set (:func:`env_flag`)."""
+    return not env_flag("RETBENCH_NO_PIXEL_CACHE")
 
 
 @dataclass(frozen=True)

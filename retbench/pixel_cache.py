@@ -52,15 +52,9 @@ HEADER_SIZE = 64
 assert HEADER.size == HEADER_SIZE
 SUFFIX = ".px"
 MAX_GB_ENV = "RETBENCH_PIXEL_CACHE_MAX_GB"
-DISABLE_ENV = "RETBENCH_NO_PIXEL_CACHE"
 DEFAULT_MAX_GB = 20.0
 TOUCH_AFTER_S = 60.0
 STALE_TMP_S = 3600.0  # a temporary file this old is a killed writer's
-
-
-def pixel_cache_enabled_by_env() -> bool:
-    """False when ``$RETBENCH_NO_PIXEL_CACHE`` is set to anything but ``""``/``0``/``false``/``no``."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
 def max_bytes_from_env() -> int:
@@ -105,7 +99,7 @@ class PixelCache:
 
     def path(self, preprocess: Preprocess, digest: str) -> Path:
         """Where the entry of the image with content ``digest`` (hex sha256 of its file) lives."""
-        return self.folder(preprocess) / digest[:2] / f"{digest}{SUFFIX}"
+        return Path(self._entry_path(preprocess, digest))
 
     @staticmethod
     def _key(preprocess: Preprocess, digest: str) -> bytes:

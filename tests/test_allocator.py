@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,16 +25,16 @@ class FakeLibc:
 
 
 @pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """A process that has not tuned yet; restores the real state afterwards."""
-    state: dict = {}
-    monkeypatch.setattr(allocator, "_state", state)
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+    """A process that has not tuned yet (yields a function that forgets the last answer); forgets again afterwards."""
+    allocator.tune_malloc.cache_clear()
     monkeypatch.delenv(allocator.DISABLE_ENV, raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
-    return state
+    yield allocator.tune_malloc.cache_clear
+    allocator.tune_malloc.cache_clear()  # the next caller asks the real libc
 
 
-def test_raises_both_thresholds_once(fresh: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raises_both_thresholds_once(fresh: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
     libc = FakeLibc(1)
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
     assert allocator.tune_malloc() is True
@@ -43,20 +44,20 @@ def test_raises_both_thresholds_once(fresh: dict, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("value", ["1", "yes", "true"])
-def test_opt_out_leaves_glibc_alone(value: str, fresh: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_opt_out_leaves_glibc_alone(value: str, fresh: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
     libc = FakeLibc(1)
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
     monkeypatch.setenv(allocator.DISABLE_ENV, value)
     assert allocator.tune_malloc() is False and libc.calls == []
 
 
-def test_no_mallopt_or_a_refusal_is_not_tuned(fresh: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_mallopt_or_a_refusal_is_not_tuned(fresh: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: FakeLibc(0))
     assert allocator.tune_malloc() is False
-    fresh.clear()
+    fresh()
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: object())  # a libc without mallopt (musl, macOS)
     assert allocator.tune_malloc() is False
-    fresh.clear()
+    fresh()
     monkeypatch.setattr(sys, "platform", "darwin")
     assert allocator.tune_malloc() is False
 
