@@ -92,21 +92,21 @@ def check_contract(adapter: Adapter, images: dict[int, torch.Tensor], tiny_task,
     try:
         assert isinstance(adapter.preprocess, Preprocess) and adapter.preprocess.size > 0
         x = batch_for(adapter, images)
-        with torch.inference_mode():
+        with torch.inference_mode():  # 4 image passes: the large architectures cost seconds each on a CPU
             feats = adapter.encode_image(x)
-            again = adapter.encode_image(x)
             single = adapter.encode_image(x[1:])
+            again = adapter.encode_image(x[1:])
         assert feats.ndim == 2 and feats.shape[0] == 2 and feats.shape[1] > 0, feats.shape
         assert feats.dtype == torch.float32
         assert torch.isfinite(feats).all()
-        assert torch.equal(feats, again), "encode_image must be deterministic (eval mode, no dropout)"
+        assert torch.equal(single, again), "encode_image must be deterministic (eval mode, no dropout)"
         torch.testing.assert_close(single[0], feats[1], rtol=1e-4, atol=1e-4, msg="batch-dependent features")
         info = adapter.describe()
         assert info["name"] == adapter.name
         assert info["weights_identity"].startswith("random-init" if random else "sha256:")
         if adapter.has_text:
             with torch.inference_mode():
-                joint = adapter.encode_image_joint(x)
+                joint = adapter.encode_image_joint(x[:1])
                 text = adapter.encode_text(["a fundus photograph of glaucoma", "healthy", "diabetic retinopathy"])
             assert text.shape[0] == 3 and text.shape[1] == joint.shape[1]
             assert torch.isfinite(text).all() and torch.isfinite(joint).all()
