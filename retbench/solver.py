@@ -20,6 +20,7 @@ are diagonally preconditioned by each weight's curvature at zero.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,6 +102,27 @@ ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 MAX_BACKTRACK = 40
 MAX_CG = 250  # conjugate-gradient steps per Newton step (scikit-learn's newton-cg: 200)
 FTOL = 64 * torch.finfo(torch.float64).eps  # relative decrease below which a problem has stalled (as scipy's)
+
+
+@functools.cache
+def _mkl_off_intel() -> bool:
+    """True when torch's CPU products run on MKL on a CPU that is not Intel's."""
+    from retbench.determinism import cpu_description
+
+    return bool(torch.backends.mkl.is_available()) and cpu_description()["vendor"] != "GenuineIntel"
+
+
+def product_orientation(device: torch.device) -> str:
+    """How a solve on ``device`` multiplies by the feature matrix X: ``"rows"`` (X @ V) or ``"transposed"`` ((Vᵀ Xᵀ)ᵀ).
+
+    Both compute the same products; they differ only in float rounding, which moves a solve's end point within its
+    tolerance. With MKL on a CPU that is not Intel's, the transposed orientation: the products here are thin (X times
+    a few problems' columns), and MKL's kernels for them ran 2-6x slower as X @ V than as Vᵀ Xᵀ on an AMD EPYC
+    (2-12 float32 columns, 500-4,213 rows × 713), which made binary C searches 2.1-2.2x faster and four-class ones
+    1.15-1.2x (``docs/benchmarks.md``). On Intel CPUs it was not measured and stays ``"rows"``: the committed
+    leaderboards are an Intel Xeon's and stay byte-identical. Recorded with each result (``settings.solver``).
+    """
+    return "transposed" if device.type == "cpu" and _mkl_off_intel() else "rows"
 
 
 def fit_logistic(
@@ -216,6 +238,7 @@ class _Solve:
         self.lo = dtype == torch.float64 and (not standardize or bool((var.sqrt() >= LO_MIN_SPREAD).all()))
         self.x0_lo = self.x0.float() if self.lo else self.x0
         self.x0t_lo = self.x0t.float() if self.lo else self.x0t
+        self.transposed = product_orientation(dev) == "transposed"
         onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
         self.onehot = onehot[:, :, 1:] if self.binary else onehot
 
@@ -224,18 +247,28 @@ class _Solve:
         """Solver coordinates (D1, n, Kp) → logits (N, n, Kp); ``lo``: the product in single precision."""
         D1, n, Kp = th.shape
         U = th * k.a
-        flat = U.reshape(D1, n * Kp)
-        L = (self.x0_lo @ flat.float()).to(th.dtype) if lo and self.lo else self.x0 @ flat
+        L = self._x_times(U.reshape(D1, n * Kp), lo)
         return L.view(self.N, n, Kp).sub_((U * k.shift).sum(0))
 
     def back(self, R: torch.Tensor, k: _Consts, lo: bool = False) -> torch.Tensor:
         """Logit gradients R (N, n, Kp) → gradient in solver coordinates (data term)."""
         N, n, Kp = R.shape
-        if lo and self.lo:
-            G = (self.x0t_lo @ R.reshape(N, n * Kp).float()).to(R.dtype).view(-1, n, Kp)
-        else:
-            G = (self.x0t @ R.reshape(N, n * Kp)).view(-1, n, Kp)
+        G = self._xt_times(R.reshape(N, n * Kp), lo).view(-1, n, Kp)
         return G.sub_(k.shift * G[-1:]).mul_(k.a)  # the last row of G is ΣR, the intercept gradient
+
+    def _x_times(self, V: torch.Tensor, lo: bool) -> torch.Tensor:
+        """x0 @ V (D1, m) → (N, m), in single precision when ``lo``, in :func:`product_orientation`'s orientation."""
+        if lo and self.lo:
+            out = (V.T.float() @ self.x0t_lo).T if self.transposed else self.x0_lo @ V.float()
+            return out.to(V.dtype)
+        return (V.T @ self.x0t).T if self.transposed else self.x0 @ V
+
+    def _xt_times(self, R: torch.Tensor, lo: bool) -> torch.Tensor:
+        """x0ᵀ @ R (N, m) → (D1, m), as :meth:`_x_times`."""
+        if lo and self.lo:
+            out = (R.T.float() @ self.x0_lo).T if self.transposed else self.x0t_lo @ R.float()
+            return out.to(R.dtype)
+        return (R.T @ self.x0).T if self.transposed else self.x0t @ R
 
     def value(self, th: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
         """Objectives (n,) and logits."""

@@ -258,3 +258,39 @@ def test_timing_sections() -> None:
     (row,) = profile_rows(timings)
     assert row[0] == "m" and row[1] == 2 and row[-1] == 6.0 and row[-2] == 3.0  # other = total - sections
     assert "probe fits" in profile_table(timings)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_both_product_orientations_reach_the_same_answers(monkeypatch: pytest.MonkeyPatch, n_classes: int) -> None:
+    """The orientation of the products changes only their rounding, so both solves stop at the gradient tolerance
+    (1e-5 × min(1, 1/C)), which at C = 10 leaves probabilities a few 1e-4 apart; the orientation is recorded."""
+    import retbench.solver as solver_module
+
+    x, y, fit, test = problem(n_classes)
+    probes = [Probe(fit[s::2], C, test) for s in (0, 1) for C in (0.1, 10.0)]
+    runs = {}
+    for off_intel in (False, True):
+        monkeypatch.setattr(solver_module, "_mkl_off_intel", lambda off_intel=off_intel: off_intel)
+        stats: dict = {}
+        runs[off_intel] = solve_probes(x, y, n_classes, probes, CPU, True, True, stats, solver="torch")
+        assert stats["products"] == ("transposed" if off_intel else "rows")
+        assert stats["not_converged"] == 0
+    for a, b in zip(runs[False], runs[True], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+
+
+def test_product_orientation_follows_the_cpu_vendor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transposed only with MKL on a CPU that is not Intel's, and never off the CPU."""
+    import retbench.determinism
+    from retbench.solver import _mkl_off_intel, product_orientation
+
+    try:
+        for vendor, mkl, expected in [("GenuineIntel", True, "rows"), ("AuthenticAMD", True, "transposed"),
+                                      ("AuthenticAMD", False, "rows")]:
+            monkeypatch.setattr(retbench.determinism, "cpu_description", lambda vendor=vendor: {"vendor": vendor})
+            monkeypatch.setattr(torch.backends.mkl, "is_available", lambda mkl=mkl: mkl)
+            _mkl_off_intel.cache_clear()
+            assert product_orientation(CPU) == expected, (vendor, mkl)
+            assert product_orientation(torch.device("cuda")) == "rows"
+    finally:
+        _mkl_off_intel.cache_clear()

@@ -24,7 +24,7 @@ from retbench.metrics import compute_metrics
 from retbench.progress import progress_bar
 from retbench.registry import Contract
 from retbench.resampling import Interval, RunPredictions
-from retbench.solver import balanced_weights, fit_logistic
+from retbench.solver import balanced_weights, fit_logistic, product_orientation
 from retbench.timing import timed
 
 if TYPE_CHECKING:
@@ -303,6 +303,7 @@ def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Prob
     threads = solver_threads()
     if stats is not None:
         stats["threads"] = threads if device.type == "cpu" else None
+        stats["products"] = product_orientation(device)  # the orientation of the products moves float rounding
     with progress_bar(f"fit {len(probes)} probes", len(probes)) as advance, cpu_threads(threads, device):
         for batch in _batches_by_c(probes):
             keys = [np.asarray(probes[i].fit).tobytes() for i in batch]
