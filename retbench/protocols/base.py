@@ -374,9 +374,11 @@ def solver_threads() -> int:
     C search 1.5-1.8× faster when the machine was otherwise idle but 1.6-2.2× *slower* than one
     thread while another process kept one core busy (OpenMP threads spin waiting for each other;
     ``benchmarks/run_benchmarks.py --only b --contended``, docs/benchmarks.md). Give a job with
-    dedicated cores (a Slurm task's ``--cpus-per-task``) more. The answers did not change with the
-    thread count on the problems measured (the products split their output, not their sums), but a
-    BLAS library is free to split differently.
+    dedicated cores (a Slurm task's ``--cpus-per-task``) more. With the ``rows`` product orientation
+    the answers did not change with the thread count on the problems measured (the products split
+    their output, not their sums); with the ``transposed`` one (MKL off Intel,
+    :func:`retbench.solver.product_orientation`) they moved by rounding (3.6e-6 in probability on a
+    2,400-row test problem; none on the eye4class sweep). The thread count is recorded with each result.
     """
     raw = os.environ.get(SOLVER_THREADS_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
