@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -128,10 +130,21 @@ def kernel_report() -> dict[str, Any]:
     }
 
 
-def deterministic_training(threads: int) -> dict[str, Any]:
-    """Fix threads and deterministic algorithms for a CPU training run; returns :func:`kernel_report`."""
+@contextmanager
+def deterministic_training(threads: int) -> Iterator[dict[str, Any]]:
+    """Fix threads and deterministic algorithms for a CPU training run, yielding :func:`kernel_report`.
+
+    Both are process-wide torch settings, so they are restored on exit: a notebook or script that pretrains and then
+    evaluates in the same process gets its own thread count and deterministic mode back.
+    """
     import torch
 
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return kernel_report()
+    try:
+        yield kernel_report()
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])

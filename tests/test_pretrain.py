@@ -70,7 +70,12 @@ def test_mae_helpers():
 
 
 def test_pretrain_exports_a_local_model_with_card_and_curve(config):
-    out = pretrain(replace(config, options=(("norm_pix_loss", False),)))
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    out = pretrain(replace(config, options=(("norm_pix_loss", False),), threads=before[0] + 1))
+    # training pins threads and deterministic algorithms for itself; the caller's process gets its own back
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    card_json = json.loads((out / "retbench_model.json").read_text())["card"]
+    assert card_json["determinism"]["threads"] == before[0] + 1 and card_json["determinism"]["deterministic_algorithms"]
     log = json.loads((out / "loss.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
     report = json.loads((out / "data_report.json").read_text())

@@ -20,6 +20,8 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,39 +139,47 @@ def pretrain(config: PretrainConfig) -> Path:
     out = Path(config.out).expanduser().resolve()
     ckpt_path = out / CHECKPOINT
     device = resolve_device(config.device)
-    determinism = _determinism(device, config.threads)
-    torch.manual_seed(settings.seed)
-    load = Preprocess(size=round(settings.image_size * LOAD_MARGIN), resize="resize_crop", interpolation="bilinear")
-    cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache()
-    data = load_pretrain_set(list(config.data), data_root(config.data_root), load, list(config.exclude),
-                             config.exclude_all_images, cache_dir)
-    atomic_write_json(out / "data_report.json", data.report)
-    recipe: Recipe = RECIPES.get(settings.recipe)(settings, data)
-    recipe.check_data()
-    recipe.to(device)
-    optimizer = torch.optim.AdamW(param_groups(recipe, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
-    state = {"step": 0, "log": [], "seconds": 0.0}
-    if ckpt_path.is_file():
-        state = _resume(ckpt_path, settings, recipe, optimizer)
-    _train(recipe, optimizer, settings, state, ckpt_path, config.checkpoint_every, device)
-    _export(recipe, settings, data, state, out, config, determinism)
-    return out
+    with _determinism(device, config.threads) as determinism:  # torch's process settings restored after
+        torch.manual_seed(settings.seed)
+        load = Preprocess(size=round(settings.image_size * LOAD_MARGIN), resize="resize_crop", interpolation="bilinear")
+        cache_dir = Path(config.cache_dir) if config.cache_dir else _default_cache()
+        data = load_pretrain_set(list(config.data), data_root(config.data_root), load, list(config.exclude),
+                                 config.exclude_all_images, cache_dir)
+        atomic_write_json(out / "data_report.json", data.report)
+        recipe: Recipe = RECIPES.get(settings.recipe)(settings, data)
+        recipe.check_data()
+        recipe.to(device)
+        optimizer = torch.optim.AdamW(param_groups(recipe, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+        state = {"step": 0, "log": [], "seconds": 0.0}
+        if ckpt_path.is_file():
+            state = _resume(ckpt_path, settings, recipe, optimizer)
+        _train(recipe, optimizer, settings, state, ckpt_path, config.checkpoint_every, device)
+        _export(recipe, settings, data, state, out, config, determinism)
+        return out
 
 
-def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
-    """Pin what makes CPU training bitwise reproducible, and say what holds (recorded in the model card)."""
+@contextmanager
+def _determinism(device: torch.device, threads: int) -> Iterator[dict[str, Any]]:
+    """Pin what makes CPU training bitwise reproducible for the block, and say what holds (recorded in the model card)."""
     from retbench.determinism import deterministic_training, kernel_report
 
     if device.type != "cpu":
-        return {**kernel_report(), "holds": f"not bitwise: {device.type} kernels are not pinned"}
-    report = deterministic_training(threads)
+        yield {**kernel_report(), "holds": f"not bitwise: {device.type} kernels are not pinned"}
+        return
+    with deterministic_training(threads) as report:
+        report["holds"] = _what_holds(report, threads)
+        yield report
+
+
+def _what_holds(report: dict[str, Any], threads: int) -> str:
+    """The model card's sentence on what makes these weights reproducible."""
     pinned = report["cpu_capability"] == "AVX2"
     cpu = report["cpu"]["model"]
     mkl = report.get("mkl_branch", "unknown")
     mkl_note = f"MKL branch {mkl}"
     if mkl not in ("AVX2", "unknown"):
         mkl_note += ": MKL ignored the AVX2 pin on this CPU"
-    report["holds"] = (
+    return (
         f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
         f"same CPU model ({cpu}; kernels pinned to AVX2, {mkl_note}); another CPU model may give other weights "
         "(docs/pretraining.md)"
@@ -177,7 +187,6 @@ def _determinism(device: torch.device, threads: int) -> dict[str, Any]:
         f"bitwise-identical weights for the same command, data, package versions and {threads} threads on the "
         f"same CPU model ({cpu}) with the same CPU kernels ({report['cpu_capability']}; not pinned: run through the `retbench` "
         "command to pin them)")
-    return report
 
 
 def _default_cache() -> Path:
