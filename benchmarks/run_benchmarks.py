@@ -263,7 +263,8 @@ def bench_probes(root: str, size: dict[str, Any], table: Table, cache_dir: str,
     ours_s = time.perf_counter() - start
     ours = np.array([balanced_accuracy_score(y[p.predict], pr.argmax(1)) for p, pr in zip(probes, probas)])
     ours_diff = float(np.abs(ours - converged).max())
-    table.add(section, f"retbench solve_probes, {stats.get('backend')} (s)", ours_s, "{:.1f}")
+    table.add(section, f"retbench solve_probes, {stats.get('backend')}, {stats.get('products')} products (s)", ours_s,
+              "{:.1f}")
     table.add(section, "  retbench max |ACA diff| vs converged", ours_diff, "{:.4f}", "<= 0.005", ours_diff <= 0.005)
     # the opt-in: as many solver threads as cores (RETBENCH_SOLVER_THREADS), same problems
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
