@@ -182,15 +182,18 @@ def probe_features(root: str, size: dict[str, Any], cache_dir: str) -> tuple[Any
     return task, feats, time.perf_counter() - start
 
 
-def _timed_solve(x: Any, y: Any, n_classes: int, probes: list, threads: int) -> tuple[float, list]:
-    """Seconds and probabilities of one solve_probes call with ``RETBENCH_SOLVER_THREADS=threads``."""
+def _timed_solve(x: Any, y: Any, n_classes: int, probes: list, threads: int,
+                 stats: dict[str, Any] | None = None) -> tuple[float, list]:
+    """Seconds and probabilities of one solve_probes call with ``RETBENCH_SOLVER_THREADS=threads`` (its solver
+    statistics into ``stats``)."""
     import torch
 
     from retbench.protocols.base import solve_probes
 
     with mock.patch.dict(os.environ, {"RETBENCH_SOLVER_THREADS": str(threads)}):
         start = time.perf_counter()
-        probas = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True)
+        probas = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True,
+                              stats=stats)
         return time.perf_counter() - start, probas
 
 
@@ -258,9 +261,7 @@ def bench_probes(root: str, size: dict[str, Any], table: Table, cache_dir: str,
     # retbench (a tiny warm-up solve takes torch's one-time costs out of the timing)
     solve_probes(x, y, n_classes, probes[:1], torch.device("cpu"), True, True)
     stats: dict[str, Any] = {}
-    start = time.perf_counter()
-    probas = solve_probes(x, y, n_classes, probes, torch.device("cpu"), balanced=True, standardize=True, stats=stats)
-    ours_s = time.perf_counter() - start
+    ours_s, probas = _timed_solve(x, y, n_classes, probes, 1, stats)  # the default: one solver thread
     ours = np.array([balanced_accuracy_score(y[p.predict], pr.argmax(1)) for p, pr in zip(probes, probas)])
     ours_diff = float(np.abs(ours - converged).max())
     table.add(section, f"retbench solve_probes, {stats.get('backend')}, {stats.get('products')} products (s)", ours_s,

@@ -23,6 +23,7 @@ M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30
 DISABLE_ENV = "RETBENCH_NO_MALLOC_TUNING"
 
+
 @functools.cache
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds to :data:`THRESHOLD`, once per process; True when they are in effect.

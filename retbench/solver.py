@@ -247,28 +247,24 @@ class _Solve:
         """Solver coordinates (D1, n, Kp) → logits (N, n, Kp); ``lo``: the product in single precision."""
         D1, n, Kp = th.shape
         U = th * k.a
-        L = self._x_times(U.reshape(D1, n * Kp), lo)
+        L = self._times(U.reshape(D1, n * Kp), lo, transpose_x=False)
         return L.view(self.N, n, Kp).sub_((U * k.shift).sum(0))
 
     def back(self, R: torch.Tensor, k: _Consts, lo: bool = False) -> torch.Tensor:
         """Logit gradients R (N, n, Kp) → gradient in solver coordinates (data term)."""
         N, n, Kp = R.shape
-        G = self._xt_times(R.reshape(N, n * Kp), lo).view(-1, n, Kp)
+        G = self._times(R.reshape(N, n * Kp), lo, transpose_x=True).view(-1, n, Kp)
         return G.sub_(k.shift * G[-1:]).mul_(k.a)  # the last row of G is ΣR, the intercept gradient
 
-    def _x_times(self, V: torch.Tensor, lo: bool) -> torch.Tensor:
-        """x0 @ V (D1, m) → (N, m), in single precision when ``lo``, in :func:`product_orientation`'s orientation."""
-        if lo and self.lo:
-            out = (V.T.float() @ self.x0t_lo).T if self.transposed else self.x0_lo @ V.float()
-            return out.to(V.dtype)
-        return (V.T @ self.x0t).T if self.transposed else self.x0 @ V
-
-    def _xt_times(self, R: torch.Tensor, lo: bool) -> torch.Tensor:
-        """x0ᵀ @ R (N, m) → (D1, m), as :meth:`_x_times`."""
-        if lo and self.lo:
-            out = (R.T.float() @ self.x0_lo).T if self.transposed else self.x0t_lo @ R.float()
-            return out.to(R.dtype)
-        return (R.T @ self.x0).T if self.transposed else self.x0t @ R
+    def _times(self, M: torch.Tensor, lo: bool, transpose_x: bool) -> torch.Tensor:
+        """x0 @ M, or x0ᵀ @ M when ``transpose_x``; in single precision when ``lo`` (and allowed), in
+        :func:`product_orientation`'s orientation."""
+        low = lo and self.lo
+        x, xt = (self.x0_lo, self.x0t_lo) if low else (self.x0, self.x0t)
+        if transpose_x:
+            x, xt = xt, x
+        m = M.float() if low else M
+        return ((m.T @ xt).T if self.transposed else x @ m).to(M.dtype)
 
     def value(self, th: torch.Tensor, k: _Consts) -> tuple[torch.Tensor, torch.Tensor]:
         """Objectives (n,) and logits."""
