@@ -117,9 +117,9 @@ def product_orientation(device: torch.device) -> str:
 
     Both compute the same products; they differ only in float rounding, which moves a solve's end point within its
     tolerance. With MKL on a CPU that is not Intel's, the transposed orientation: the products here are thin (X times
-    a few problems' columns), and MKL's kernels for them ran 2-6x slower as X @ V than as Vᵀ Xᵀ on an AMD EPYC
-    (2-12 float32 columns, 500-4,213 rows × 713), which made binary C searches 2.1-2.2x faster and four-class ones
-    1.15-1.3x (``docs/benchmarks.md``). On Intel CPUs it was not measured and stays ``"rows"``: the committed
+    a few problems' columns), and MKL's kernels for them ran 1.6-6.7x slower as X @ V than as Vᵀ Xᵀ on an AMD EPYC
+    (2-12 float32 columns, 500-4,213 rows × 713), which made binary C searches 2.1x faster and four-class ones
+    1.2-1.3x (``docs/benchmarks.md``). On Intel CPUs it was not measured and stays ``"rows"``: the committed
     leaderboards are an Intel Xeon's and stay byte-identical. Recorded with each result (``settings.solver``).
     """
     return "transposed" if device.type == "cpu" and _mkl_off_intel() else "rows"
