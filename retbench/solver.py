@@ -125,6 +125,54 @@ def product_orientation(device: torch.device) -> str:
     return "transposed" if device.type == "cpu" and _mkl_off_intel() else "rows"
 
 
+class Design:
+    """The feature matrix of one row set as every solve on those rows multiplies it: standardised over the rows
+    (``x0 = (x - mu) / sigma``, a constant feature keeps sigma 1), with a column of ones appended (``full``, (N, D + 1)),
+    transposed (``full_t``) and, made on first use, in single precision (:meth:`low`). Building it is the part of a
+    solve that depends only on the rows, ~5-7% of a C sweep's time when every C rebuilt it."""
+
+    def __init__(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> None:
+        xr = x[rows].to(dtype)
+        self.mu = xr.mean(0)
+        sigma = xr.std(0, unbiased=False)
+        self.sigma = torch.where(sigma > 1e-10 * self.mu.abs(), sigma, torch.ones_like(sigma))  # constant → 1
+        self.x0 = (xr - self.mu) / self.sigma  # (N, D), contiguous
+        self.full = torch.cat([self.x0, torch.ones(len(rows), 1, device=x.device, dtype=dtype)], 1)  # (N, D1)
+        self.full_t = self.full.T.contiguous()
+        self._low: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def low(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``full`` and ``full_t`` in single precision (made once)."""
+        if self._low is None:
+            self._low = (self.full.float(), self.full_t.float())
+        return self._low
+
+
+class Designs:
+    """Keeps the :class:`Design` of the last row set of one feature matrix, for a sequence of solves on it.
+
+    A C sweep solves the same fit sets once per C, so every solve after the first finds its rows' design here instead
+    of standardising and copying the matrix again; the design is the same computation either way, so the solves'
+    answers are identical bit for bit with or without it. Only one design is kept: the memory a single solve already
+    holds. Pass one instance to :func:`fit_logistic` for all solves on the same ``x`` (the tensor itself, not a copy).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, torch.dtype, bytes] | None = None
+        self._x: torch.Tensor | None = None
+        self._design: Design | None = None
+        self.hits = 0
+
+    def get(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> Design:
+        key = (id(x), dtype, rows.cpu().numpy().tobytes())
+        if self._design is not None and self._x is x and self._key == key:
+            self.hits += 1
+            return self._design
+        self._design = None  # release the old design before building the new one
+        self._design, self._x, self._key = Design(x, rows, dtype), x, key
+        return self._design
+
+
 def fit_logistic(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -135,6 +183,7 @@ def fit_logistic(
     max_iter: int = 3000,
     tol: float = TOL,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    designs: Designs | None = None,
 ) -> LinearModels:
     """Fit ``B = len(C)`` problems; ``weights`` (B, N) are sample weights (0 = row unused).
 
@@ -143,18 +192,19 @@ def fit_logistic(
     most ``tol`` — scikit-learn's rule, whose default is a looser 1e-4 — when its objective
     stops decreasing, or after ``max_iter`` Newton steps. ``n_iter`` is the most Newton
     steps any problem took. ``init`` warm-starts from another fit's ``internal``
-    parameters (same rows and standardisation).
+    parameters (same rows and standardisation). ``designs`` lets consecutive calls on the same ``x`` and rows share
+    the standardised matrix (:class:`Designs`); it does not change the answers.
     """
     with torch.no_grad():
         # identical problems (a refit of several seeds on the same rows with the same C) are solved once
         key = torch.cat([C.to(weights.device, weights.dtype)[:, None], weights], 1)
         unique, inverse = torch.unique(key, dim=0, return_inverse=True)
         if len(unique) == len(key):
-            return _Solve(x, y, weights, C, n_classes, standardize).run(max_iter, tol, init)
+            return _Solve(x, y, weights, C, n_classes, standardize, designs).run(max_iter, tol, init)
         first = torch.full((len(unique),), len(key), dtype=torch.long, device=key.device)
         first.scatter_reduce_(0, inverse, torch.arange(len(key), device=key.device), "amin")
         sub_init = None if init is None else (init[0][first.to(init[0].device)], init[1][first.to(init[1].device)])
-        m = _Solve(x, y, weights[first], C.to(weights.device)[first], n_classes, standardize).run(
+        m = _Solve(x, y, weights[first], C.to(weights.device)[first], n_classes, standardize, designs).run(
             max_iter, tol, sub_init)
         internal = None if m.internal is None else (m.internal[0][inverse], m.internal[1][inverse])
         tol_b = m.tol[inverse] if isinstance(m.tol, torch.Tensor) else m.tol
@@ -192,7 +242,7 @@ class _Solve:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, C: torch.Tensor, n_classes: int,
-                 standardize: bool) -> None:
+                 standardize: bool, designs: Designs | None = None) -> None:
         dtype = self.dtype = torch.float64 if x.device.type == "cpu" else torch.float32
         dev = self.device = x.device
         weights, C, y = weights.to(dev, dtype), C.to(dev, dtype), y.to(dev)
@@ -203,14 +253,12 @@ class _Solve:
         rows = (weights > 0).any(0).nonzero().squeeze(1)  # rows no problem uses never enter a product
         if len(rows) == 0:
             raise ValueError("no problem has a row with positive weight")
-        x, y, weights = x[rows].to(dtype), y[rows], weights[:, rows]
-        self.N = N = len(rows)
-        used = (weights > 0).to(dtype)
         # global standardisation of the used rows: well-scaled arithmetic, undone at the end
-        self.mu = x.mean(0)
-        sigma = x.std(0, unbiased=False)
-        self.sigma = torch.where(sigma > 1e-10 * self.mu.abs(), sigma, torch.ones_like(sigma))  # constant → 1
-        x0 = (x - self.mu) / self.sigma
+        design = designs.get(x, rows, dtype) if designs is not None else Design(x, rows, dtype)
+        y, weights = y[rows], weights[:, rows]
+        self.N = len(rows)
+        used = (weights > 0).to(dtype)
+        self.mu, self.sigma, x0 = design.mu, design.sigma, design.x0
         n_b = used.sum(1, keepdim=True).clamp(min=1)
         shift = (used @ x0) / n_b  # (B, D) per-problem means, x0 units
         var = ((used @ (x0 * x0)) / n_b - shift * shift).clamp(min=0)
@@ -227,8 +275,7 @@ class _Solve:
         self.a = torch.cat([g / scale, ones / math.sqrt(curv)], 1).T.contiguous()
         self.shift = torch.cat([shift, 0 * ones], 1).T.contiguous()
         self.pen = torch.cat([2 * reg[:, None] * g**2, 0 * ones], 1).T.contiguous()
-        self.x0 = torch.cat([x0, torch.ones(N, 1, device=dev, dtype=dtype)], 1)  # (N, D1)
-        self.x0t = self.x0.T.contiguous()
+        self.x0, self.x0t = design.full, design.full_t  # (N, D1), (D1, N)
         # Hessian-vector products on CPU in single precision: they only shape the Newton direction, while the
         # gradient and objective, which decide where the solve ends, stay in double. The products with the
         # feature matrix are 80-90% of a CPU solve and memory-bound; halving the bytes halved the solve
@@ -236,8 +283,7 @@ class _Solve:
         # problem z-scores a feature that barely varies on its rows (few-shot supports of a handful of images):
         # there float32's rounding of the global rows, divided by that tiny spread, would swamp the direction.
         self.lo = dtype == torch.float64 and (not standardize or bool((var.sqrt() >= LO_MIN_SPREAD).all()))
-        self.x0_lo = self.x0.float() if self.lo else self.x0
-        self.x0t_lo = self.x0t.float() if self.lo else self.x0t
+        self.x0_lo, self.x0t_lo = design.low() if self.lo else (self.x0, self.x0t)
         self.transposed = product_orientation(dev) == "transposed"
         onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)[:, None, :]  # (N, 1, K)
         self.onehot = onehot[:, :, 1:] if self.binary else onehot

@@ -297,3 +297,26 @@ def test_product_orientation_follows_the_cpu_vendor(monkeypatch: pytest.MonkeyPa
             assert product_orientation(torch.device("cuda")) == "rows"
     finally:
         _mkl_off_intel.cache_clear()
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_shared_designs_leave_every_answer_unchanged(standardize: bool) -> None:
+    """A C sweep standardises its rows once (Designs) instead of once per C: bit-identical fits, and reused.
+
+    A second row set replaces the kept design (and is again identical to a fresh one)."""
+    from retbench.solver import Designs
+
+    x, y, fit, _ = problem()
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    first = torch.zeros(2, 600, dtype=torch.float64)
+    first[0, fit[::2]] = first[1, fit[1::2]] = 1.0  # two fit sets, as two seeds' problems
+    other = torch.zeros(1, 600, dtype=torch.float64)
+    other[0, fit[:300]] = 1.0
+    designs = Designs()
+    for mask, C in ((first, [0.1, 0.1]), (first, [10.0, 10.0]), (other, [1.0]), (first, [100.0, 100.0])):
+        weights = balanced_weights(yt, mask, 3)
+        fresh = fit_logistic(xt, yt, weights, torch.tensor(C), 3, standardize=standardize)
+        shared = fit_logistic(xt, yt, weights, torch.tensor(C), 3, standardize=standardize, designs=designs)
+        assert torch.equal(fresh.weight, shared.weight) and torch.equal(fresh.bias, shared.bias)
+        assert bool(fresh.converged.all())
+    assert designs.hits == 1  # C = 10 reused C = 0.1's rows; the other row set and the return to the first rebuilt

@@ -24,7 +24,7 @@ from retbench.metrics import compute_metrics
 from retbench.progress import progress_bar
 from retbench.registry import Contract
 from retbench.resampling import Interval, RunPredictions
-from retbench.solver import balanced_weights, fit_logistic, product_orientation
+from retbench.solver import Designs, balanced_weights, fit_logistic, product_orientation
 from retbench.timing import timed
 
 if TYPE_CHECKING:
@@ -300,6 +300,7 @@ def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Prob
     yt = torch.as_tensor(y, device=device)
     out: list[np.ndarray | None] = [None] * len(probes)
     solved: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # fit rows → latest solver-space solution
+    designs = Designs()  # every C's batch uses the same rows: standardise them once
     threads = solver_threads()
     if stats is not None:
         stats["threads"] = threads if device.type == "cpu" else None
@@ -308,7 +309,7 @@ def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Prob
         for batch in _batches_by_c(probes):
             keys = [np.asarray(probes[i].fit).tobytes() for i in batch]
             models = _fit_batch(xt, yt, n_classes, [probes[i] for i in batch], balanced, standardize,
-                                _warm_start(keys, solved))
+                                _warm_start(keys, solved), designs)
             _record(stats, models, len(batch))
             for b, (i, key) in enumerate(zip(batch, keys)):
                 solved[key] = (models.internal[0][b], models.internal[1][b])
@@ -419,14 +420,14 @@ def _warm_start(keys: list[bytes], solved: dict[bytes, tuple[torch.Tensor, torch
 
 
 def _fit_batch(xt: torch.Tensor, yt: torch.Tensor, n_classes: int, probes: list[Probe], balanced: bool,
-               standardize: bool, init: Any) -> Any:
+               standardize: bool, init: Any, designs: Designs | None = None) -> Any:
     dtype = torch.float64 if xt.device.type == "cpu" else torch.float32
     mask = torch.zeros(len(probes), len(xt), device=xt.device, dtype=dtype)
     for b, p in enumerate(probes):
         mask[b, torch.as_tensor(p.fit, device=xt.device)] = 1.0
     weights = balanced_weights(yt, mask, n_classes) if balanced else mask
     C = torch.tensor([p.C for p in probes], device=xt.device)
-    return fit_logistic(xt, yt, weights, C, n_classes, standardize=standardize, init=init)
+    return fit_logistic(xt, yt, weights, C, n_classes, standardize=standardize, init=init, designs=designs)
 
 
 def _record(stats: dict[str, Any] | None, models: Any, n: int) -> None:
