@@ -1,13 +1,13 @@
-"""glibc's malloc, tuned for CPU extraction: large tensors reused from the heap instead of mapped anew.
+"""glibc's malloc, tuned for CPU extraction and probe solves: large blocks reused from the heap, not mapped anew.
 
-By default glibc serves every allocation above 128 kB (raised dynamically, at most to 32 MB) with its own
-``mmap`` and returns it to the kernel on ``free``, so each batch's activations and pixel buffers — a 64-image
-float batch at 224 px is 38 MB — are page-faulted in afresh, batch after batch. For a model as cheap as
-``classical`` those faults are a large part of the time. :func:`tune_malloc` raises the mapping and trimming
-thresholds to 1 GiB once per process, so freed blocks stay in the heap for the next batch (what jemalloc or
-tcmalloc, which PyTorch's CPU performance guide recommends, do by design). The arithmetic is untouched; the cost
-is that a process keeps up to ~1 GiB of freed memory instead of returning it. ``RETBENCH_NO_MALLOC_TUNING=1``
-leaves glibc's defaults.
+By default glibc serves every allocation above 128 kB (raised dynamically, at most to 32 MB) with its own ``mmap``
+and returns it to the kernel on ``free``, so each batch's activations and pixel buffers — a 64-image float batch at
+224 px is 38 MB — are page-faulted in afresh, batch after batch. For a model as cheap as ``classical`` those faults
+are a large part of the time; the probe solver's per-step temporaries (0.1-1 MB each, tens of thousands per sweep)
+meet the same faults. :func:`tune_malloc` raises the mapping and trimming thresholds to 1 GiB once per process, so
+freed blocks stay in the heap for the next batch (what jemalloc or tcmalloc, which PyTorch's CPU performance guide
+recommends, do by design). The arithmetic is untouched; the cost is that a process keeps up to ~1 GiB of freed
+memory instead of returning it. ``RETBENCH_NO_MALLOC_TUNING=1`` leaves glibc's defaults.
 """
 
 from __future__ import annotations

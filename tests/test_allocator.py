@@ -78,3 +78,22 @@ def test_cpu_extraction_tunes_this_process(monkeypatch: pytest.MonkeyPatch) -> N
     adapter = load_model("classical", device="cpu")
     extract(adapter, examples, adapter.preprocess, batch_size=2, num_workers=0)
     assert called == [True]
+
+
+def test_cpu_probe_solves_tune_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch probe solver on CPU asks for the same tuning as extraction (its temporaries are 0.1-1 MB)."""
+    import numpy as np
+    import torch
+
+    from retbench.protocols.base import Probe, solve_probes
+
+    called: list[bool] = []
+    monkeypatch.setattr("retbench.protocols.base.tune_malloc", lambda: called.append(True) or True)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), np.arange(40) % 2
+    solve_probes(x, y, 2, [Probe(np.arange(30), 1.0, np.arange(30, 40))], torch.device("cpu"), True, True,
+                 solver="torch")
+    assert called == [True]
+    solve_probes(x, y, 2, [Probe(np.arange(30), 1.0, np.arange(30, 40))], torch.device("cpu"), True, True,
+                 solver="sklearn-lbfgs")
+    assert called == [True]  # scikit-learn's loop is left as it is

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import numpy as np
 import torch
 
+from retbench.allocator import tune_malloc
 from retbench.data.examples import Examples
 from retbench.errors import RetbenchError
 from retbench.metrics import compute_metrics
@@ -301,6 +302,8 @@ def _solve_torch(x: np.ndarray, y: np.ndarray, n_classes: int, probes: list[Prob
     out: list[np.ndarray | None] = [None] * len(probes)
     solved: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # fit rows → latest solver-space solution
     designs = Designs()  # every C's batch uses the same rows: standardise them once
+    if device.type == "cpu":
+        tune_malloc()  # the solve's 0.1-1 MB temporaries reused from the heap, not mapped anew (retbench.allocator)
     threads = solver_threads()
     if stats is not None:
         stats["threads"] = threads if device.type == "cpu" else None
