@@ -296,10 +296,34 @@ def bench_draft(root: str, table: Table) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- main
+SECTIONS = "defg"
+
+
+def run_sections(root: str, only: str, quick: bool, table: Table, images: int | None = None,
+                 extract_models: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The sections of ``only`` among d-g, into ``table``; their figures by name (also run by run_benchmarks.py)."""
+    os.environ.pop("RETBENCH_NO_PIXEL_CACHE", None)  # the cache's own benchmark needs it on
+    size = dict(QUICK if quick else FULL)
+    if images:
+        size["images"] = images
+    if extract_models:
+        size["extract_models"] = extract_models
+    results: dict[str, Any] = {}
+    if "d" in only:
+        results["second_model"] = bench_second_model(root, table)
+    if "e" in only:
+        results["extraction_pixel_cache"] = bench_extraction(root, size, table)
+    if "f" in only:
+        results["sweep"] = bench_sweep(root, size, table)
+    if "g" in only:
+        results["draft"] = bench_draft(root, table)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and 3 small tasks in the sweep")
-    parser.add_argument("--only", default="defg", help="sections to run, e.g. 'd' or 'eg' (default: defg)")
+    parser.add_argument("--only", default=SECTIONS, help="sections to run, e.g. 'd' or 'eg' (default: defg)")
     parser.add_argument("--data-root", default=None,
                         help="data root (default: $RETBENCH_DATA, else ../shared/data beside the repository)")
     parser.add_argument("--images", type=int, default=None, help="eye4class images in (e) (default 512, quick 128)")
@@ -307,30 +331,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of (e)'s models (default: timm:resnet18,classical)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write all figures as JSON to PATH")
     args = parser.parse_args(argv)
+    if not args.only or set(args.only) - set(SECTIONS):
+        parser.error(f"--only takes letters of {SECTIONS!r}, not {args.only!r} (a-c are run_benchmarks.py's)")
     os.environ.setdefault("RETBENCH_QUIET", "1")
-    os.environ.pop("RETBENCH_NO_PIXEL_CACHE", None)
     root = args.data_root or os.environ.get("RETBENCH_DATA") or str(REPO.parent / "shared" / "data")
     if not Path(root).is_dir():
         parser.error(f"data root {root} does not exist: pass --data-root or set RETBENCH_DATA")
-    size = dict(QUICK if args.quick else FULL)
-    if args.images:
-        size["images"] = args.images
-    if args.extract_models:
-        size["extract_models"] = tuple(args.extract_models.split(","))
     info = machine()
     print(f"retbench pixel-cache benchmarks ({'quick' if args.quick else 'full'}): data {root}, {info['cpus']} CPUs, "
           f"torch {info['torch']} with {info['torch_threads']} intra-op threads, load average {load()}", flush=True)
     table = Table()
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": info}
     started = time.perf_counter()
-    if "d" in args.only:
-        results["second_model"] = bench_second_model(root, table)
-    if "e" in args.only:
-        results["extraction"] = bench_extraction(root, size, table)
-    if "f" in args.only:
-        results["sweep"] = bench_sweep(root, size, table)
-    if "g" in args.only:
-        results["draft"] = bench_draft(root, table)
+    models = tuple(args.extract_models.split(",")) if args.extract_models else None
+    results.update(run_sections(root, args.only, args.quick, table, args.images, models))
     results["table"] = table.rows
     results["seconds"] = time.perf_counter() - started
     results["load_avg_end"] = os.getloadavg()

@@ -28,7 +28,10 @@ The machine's load average and torch's thread count are printed with the figures
 small, shared machine every timing moves with what else is running, so compare ratios
 taken in one run rather than absolute figures across runs.
 
-    RETBENCH_DATA=/path/to/data python benchmarks/run_benchmarks.py [--quick] [--json out.json]
+(d)-(g) are the pixel cache's and JPEG decoding's figures (``benchmarks/pixel_cache.py``, which documents them);
+``--only abcdefg`` runs them in the same process after (a)-(c), into the same table.
+
+    RETBENCH_DATA=/path/to/data python benchmarks/run_benchmarks.py [--quick] [--only abcdefg] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ QUICK = {"images": 128, "repeats": 1, "extract_seconds": 8, "probe_images": 2000
 EXTRACT_MODELS = ("timm:resnet18", "classical")
 RUN_MODEL = "timm:resnet18"
 PROBE_MODEL, PROBE_TASK = "classical", "eye4class"
+SECTIONS = "abcdefg"  # a-c here, d-g in pixel_cache.py
 
 
 # --------------------------------------------------------------------------- helpers
@@ -377,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes: 128 images in (a), 2000 images x 8 C in (b), mx_dme_cfp_dr only in (c)")
-    parser.add_argument("--only", default="abc", help="sections to run, e.g. 'a' or 'bc' (default: abc)")
+    parser.add_argument("--only", default="abc",
+                        help="sections to run, letters of a-g, e.g. 'b' or 'bc' (default: abc); d-g are "
+                             "benchmarks/pixel_cache.py's, so --only abcdefg prints every figure of issue 16 in one "
+                             "run (the full sweep in (f) alone took 44 minutes on 2 busy cores)")
     parser.add_argument("--data-root", default=None,
                         help="data root (default: $RETBENCH_DATA, else ../shared/data beside the repository)")
     parser.add_argument("--cache-dir", default=None,
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write all figures as JSON to PATH")
     parser.add_argument("--verbose", action="store_true", help="show retbench's progress bars")
     args = parser.parse_args(argv)
+    if not args.only or set(args.only) - set(SECTIONS):
+        parser.error(f"--only takes letters of {SECTIONS!r}, not {args.only!r}")
 
     if not args.verbose:
         os.environ.setdefault("RETBENCH_QUIET", "1")
@@ -420,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         results["probes"] = bench_probes(root, size, table, cache_dir, threads, args.contended)
     if "c" in args.only:
         results["run"] = bench_run(root, size, table)
+    if set(args.only) & set("defg"):
+        import pixel_cache  # benchmarks/ is on sys.path: this script's folder
+
+        results.update(pixel_cache.run_sections(root, args.only, args.quick, table, args.images))
     results["table"] = table.rows
     results["seconds"] = time.perf_counter() - started
     results["load_avg_end"] = os.getloadavg()
