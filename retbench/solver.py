@@ -151,10 +151,11 @@ class Design:
 class Designs:
     """Keeps the :class:`Design` of the last row set of one feature matrix, for a sequence of solves on it.
 
-    A C sweep solves the same fit sets once per C, so every solve after the first finds its rows' design here instead
-    of standardising and copying the matrix again; the design is the same computation either way, so the solves'
-    answers are identical bit for bit with or without it. Only one design is kept: the memory a single solve already
-    holds. Pass one instance to :func:`fit_logistic` for all solves on the same ``x`` (the tensor itself, not a copy).
+    A C sweep solves the same fit sets once per C, so every solve after the first finds its rows' design here
+    instead of standardising and copying the matrix again; the design is the same computation either way, so the
+    solves' answers are identical bit for bit with or without it. Only one design is kept, between solves: the
+    matrices a solve holds while it runs (``x0`` as well, which a solve used to free after its set-up). Pass one
+    instance to :func:`fit_logistic` for all solves on the same ``x`` (the tensor itself, not a copy).
     """
 
     def __init__(self) -> None:
