@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures.add("total", "wall time (s)", time.perf_counter() - begun, "{:.0f}")
-    if args.json:
+    if args.json:  # its folder made if missing: the figures of a device run must not be lost at its last step
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": device, "dry_run": args.dry_run, "figures": figures.rows},
                                               indent=1, default=str))
     return 0

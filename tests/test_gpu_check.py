@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dry_run_reports_every_part(data_root: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "RETBENCH_DATA": str(data_root), "OUT": str(tmp_path), "PYTHON": sys.executable}
+    out = tmp_path / "not-yet"  # a missing $OUT folder is made, not a reason to lose the figures at the end
+    env = {**os.environ, "RETBENCH_DATA": str(data_root), "OUT": str(out), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] is True
     figures = {(r["part"], r["figure"]): r["value"] for r in report["figures"]}
     parts = {part for part, _ in figures}
