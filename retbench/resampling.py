@@ -82,11 +82,23 @@ class Interval:
     p_value: float | None = None
     distribution: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False, compare=False)
 
-    def describe(self) -> str:
-        """One phrase for footnotes and result files."""
+    def over(self) -> str:
+        """What was resampled: ``"61 test patients × 5 runs"`` (the replication unit of the CI)."""
         runs = f" × {self.n_runs} runs" if self.n_runs > 1 else ""
-        return (f"percentile bootstrap over {self.n_clusters} test {self.unit}s{runs} "
-                f"({self.n_resamples} resamples, seed {self.seed})")
+        return f"{self.n_clusters} test {self.unit}s{runs}"
+
+    def describe(self) -> str:
+        """One phrase for footnotes and result files (a result's ``ci_method``; :func:`ci_over` reads it back)."""
+        return f"percentile bootstrap over {self.over()} ({self.n_resamples} resamples, seed {self.seed})"
+
+
+def ci_over(method: str) -> str:
+    """The replication unit in a stored ``ci_method`` (:meth:`Interval.describe`): ``"61 test patients × 5 runs"``;
+    a method phrased otherwise is returned whole, so a CI is never shown without what it varies over."""
+    head, sep, rest = method.partition("percentile bootstrap over ")
+    if head or not sep or " (" not in rest:
+        return method
+    return rest.rsplit(" (", 1)[0]
 
 
 def task_seed(task: str) -> int:

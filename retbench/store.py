@@ -236,7 +236,11 @@ def number(value: Any) -> float:
 
 
 def results_table(root: Path) -> pd.DataFrame:
-    """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI (NaN: missing)."""
+    """One row per result: model, task, protocol, primary metric, every scalar metric's mean and CI (NaN: missing),
+    and what the primary metric's CI resampled (``primary_ci_over``: ``"61 test patients × 5 runs"``; empty without a
+    CI)."""
+    from retbench.resampling import ci_over
+
     rows = []
     for r in iter_results(root, TABLE_KEYS):
         row = {
@@ -246,6 +250,8 @@ def results_table(root: Path) -> pd.DataFrame:
             "seeds": len({run["seed"] for run in r["runs"]}), "k": r.get("headline_k"), "created": r["created"],
             "path": r["_path"],
         }
+        primary = r["metrics"][r["primary_metric"]]
+        row["primary_ci_over"] = ci_over(primary["ci_method"]) if "ci_method" in primary else ""
         for name, m in r["metrics"].items():
             if "std" in m:
                 row[name] = number(m["mean"])

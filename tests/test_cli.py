@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ def test_run_results_leaderboard(tmp_path: Path, tiny_task: tuple[Path, Path], c
     assert code == 0, err
     assert "5 written" in err and "1 not applicable" in err  # classical has no text tower: zero-shot skipped
     assert len(list(store.glob("*/*/*.json"))) == 5
+    shown = [line for line in out.splitlines() if "95% CI" in line]
+    assert len(shown) == 5, out  # every CI printed says what it resampled: the tiny task has no patient ids
+    assert all(re.search(r"95% CI -?[\d.]+–[\d.]+ over 6 test images( × 3 runs)?\)", line) for line in shown), out
     code, _, err = _run(capsys, "run", "-m", "classical", "-t", str(spec), *common)
     assert code == 0 and "0 written, 2 already" in err
 
@@ -52,6 +56,8 @@ def test_run_results_leaderboard(tmp_path: Path, tiny_task: tuple[Path, Path], c
     frame = pd.read_csv(csv)
     assert set(frame["protocol"]) == {"linear_probe", "few_shot", "zero_shot"}
     assert frame["aca"].between(0, 1).all()
+    assert frame["primary_ci_over"].str.fullmatch(r"6 test images( × 3 runs)?").all()
+    assert "CI over" in out and "test images" in out
 
     board = (boards / "linear_probe.md").read_text()
     assert "`classical.default`" in board and "`tinyclip.test`" in board and "**" in board

@@ -85,6 +85,8 @@ def test_cluster_bootstrap_equals_brute_force() -> None:
     assert np.allclose(iv.distribution, ref, atol=1e-12)
     assert (iv.low, iv.high) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
     assert iv.n_clusters == 30 and iv.n_runs == 4 and "30 test patients × 4 runs" in iv.describe()
+    assert rs.ci_over(iv.describe()) == iv.over() == "30 test patients × 4 runs"  # read back from a result file
+    assert rs.ci_over("bootstrap") == "bootstrap"  # a phrase it cannot read is shown whole, never dropped
     assert iv.estimate == pytest.approx(np.mean([metric(r.y, r.proba) for r in runs]))
 
 

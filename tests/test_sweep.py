@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,6 +204,9 @@ def test_debug_sweep_runs_skips_by_settings_hash_and_reports(tmp_path: Path, cap
     code, out, err = _sweep(capsys, str(grid))
     assert code == 0, err
     assert "2 done" in err and "## linear_probe" in out and "`classical.default`" in out
+    # the summary's CIs say what they resampled, per task (the tiny tasks have no patient ids: images)
+    assert re.search(r"percentile bootstrap over tiny0: \d+ test images × 2 runs; tiny1: \d+ test images × 2 runs\.",
+                     out), out
     assert (tmp_path / "boards" / "linear_probe.md").exists()  # the summary ends in the leaderboard
     results = _results(store)
     assert len(results) == 4 and {d["config"]["seeds"] for d in results.values()} == {2}

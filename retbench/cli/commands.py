@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="*", help="spec files (default: every shipped and RETBENCH_TASKS_PATH task)")
     add_tasks_path_argument(val)
     res = sub.add_parser("results", help="show the result store as a table; export CSV",
-                         description="Show stored results, one row per (model, task, protocol).")
+                         description="Show stored results, one row per (model, task, protocol): the primary metric's "
+                                     "mean over runs and its 95% CI, a percentile bootstrap over what 'CI over' names "
+                                     "(test patients, or images where no patient id exists, × the runs).")
     res.add_argument("--results-dir", default="results", help="result store (default: ./results)")
     res.add_argument("--csv", help="also write the full table (every metric and CI) as CSV to this path")
     res.add_argument("--task", action="append", help="only these tasks (repeatable, comma-separated)")
@@ -200,6 +202,7 @@ def _print_profile(results: list[Any], wall: float) -> None:
 
 
 def _print_result(result: object) -> None:
+    from retbench.resampling import ci_over
     from retbench.runner import Result
 
     assert isinstance(result, Result)
@@ -210,7 +213,8 @@ def _print_result(result: object) -> None:
     else:
         d = result.data
         m = d["metrics"][d["primary_metric"]]
-        ci = f" (95% CI {m['ci95'][0]:.3f}–{m['ci95'][1]:.3f})" if "ci95" in m else ""
+        over = f" over {ci_over(m['ci_method'])}" if "ci_method" in m else ""
+        ci = f" (95% CI {m['ci95'][0]:.3f}–{m['ci95'][1]:.3f}{over})" if "ci95" in m else ""
         out.print(f"{d['model']['name']:<24} {d['task']['name']:<24} {d['protocol']['name']:<22} "
                   f"{d['primary_metric']}={m['mean']:.3f}{ci}", highlight=False)
 
@@ -336,13 +340,14 @@ def cmd_results(args: argparse.Namespace) -> int:
             why = str(exc).removeprefix(f"cannot write {target}: ")
             raise RetbenchError(f"--csv {args.csv}: cannot write: {why}") from None
         err.print(f"wrote {len(frame)} rows to {args.csv}")
-    table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "runs", "n test")
+    table = Table("model", "task", "protocol", "metric", "mean", "95% CI", "CI over", "runs", "n test")
     for r in frame.sort_values(["task", "protocol", "primary"], ascending=[True, True, False]).to_dict("records"):
         m = r["primary_metric"]
         low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
         ci = f"{low:.3f}–{high:.3f}" if low is not None and low == low and high == high else ""
         mean = f"{r['primary']:.3f}" if r["primary"] == r["primary"] else "–"  # NaN (stored as null): no value
-        table.add_row(r["model"], r["task"], r["protocol"], m, mean, ci, str(r["seeds"]), str(r["n_test"]))
+        table.add_row(r["model"], r["task"], r["protocol"], m, mean, ci, r["primary_ci_over"] if ci else "",
+                      str(r["seeds"]), str(r["n_test"]))
     out.print(table)
     return 0
 

@@ -326,8 +326,19 @@ def results_summary(grid: Grid, jobs: list[Job]) -> dict[str, str]:
             cells.append(f"{sum(values) / len(values):.3f}" if len(values) == len(tasks) else "–")
             rows.append(cells)
         header = ["model"] + [f"{t} ({metric_of[t]})" for t in tasks] + ["mean"]
-        tables[protocol] = tabulate(rows, headers=header, tablefmt="github", disable_numparse=True)
+        tables[protocol] = tabulate(rows, headers=header, tablefmt="github", disable_numparse=True) + _ci_note(sub)
     return tables
+
+
+def _ci_note(sub: Any) -> str:
+    """The line under a summary table that says what each task's CIs resampled (their replication unit)."""
+    units = {task: " / ".join(sorted(set(group["primary_ci_over"]) - {""}))
+             for task, group in sub.groupby("task", sort=True)}
+    units = {task: unit for task, unit in units.items() if unit}
+    if not units:
+        return ""
+    return ("\n\n95% CIs in parentheses: percentile bootstrap over "
+            + "; ".join(f"{task}: {unit}" for task, unit in units.items()) + ". The mean has no CI here.")
 
 
 def state_files(grid: Grid, jobs: list[Job]) -> list[Path]:
