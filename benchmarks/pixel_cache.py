@@ -45,7 +45,7 @@ for _p in (str(REPO), str(HERE)):
     if _p not in sys.path:  # run from a source checkout without installing
         sys.path.insert(0, _p)
 
-from run_benchmarks import Table, load, machine, subset  # noqa: E402
+from run_benchmarks import Table, load, machine, report, subset  # noqa: E402
 
 CFP_TASK = "mx_dme_cfp_dr"
 FIRST, SECOND = "timm:resnet18", "timm:resnet34"
@@ -345,15 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     models = tuple(args.extract_models.split(",")) if args.extract_models else None
     results.update(run_sections(root, args.only, args.quick, table, args.images, models))
-    results["table"] = table.rows
-    results["seconds"] = time.perf_counter() - started
-    results["load_avg_end"] = os.getloadavg()
-    table.print()
-    print(f"\nload average at the end {load()}, torch intra-op threads {info['torch_threads']}, "
-          f"{results['seconds']:.0f} s in all")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
-        print(f"figures written to {args.json}")
+    report(results, table, started, info, args.json)
     return 0
 
 

@@ -433,16 +433,22 @@ def main(argv: list[str] | None = None) -> int:
         import pixel_cache  # benchmarks/ is on sys.path: this script's folder
 
         results.update(pixel_cache.run_sections(root, args.only, args.quick, table, args.images))
+    report(results, table, started, info, args.json)
+    return 0
+
+
+def report(results: dict[str, Any], table: Table, started: float, info: dict[str, Any], json_path: str | None) -> None:
+    """Print the table and the closing line; write ``results`` (with the table) to ``json_path``, its folder made."""
     results["table"] = table.rows
     results["seconds"] = time.perf_counter() - started
     results["load_avg_end"] = os.getloadavg()
     table.print()
     print(f"\nload average at the end {load()}, torch intra-op threads {info['torch_threads']}, "
           f"{results['seconds']:.0f} s in all")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
-        print(f"figures written to {args.json}")
-    return 0
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=1, default=float))
+        print(f"figures written to {json_path}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_one_command_runs_the_pixel_cache_sections_too(scripts: tuple[Any, Any],
         return {"draft": {"figure": 1.0}}
 
     monkeypatch.setattr(pixel_cache, "run_sections", sections)
-    out = tmp_path / "figures.json"
+    out = tmp_path / "not-yet" / "figures.json"  # its folder is made, as gpu_check.py does
     assert run_benchmarks.main(["--quick", "--only", "dg", "--data-root", str(data_root), "--json", str(out)]) == 0
     assert calls == [(str(data_root), "dg", True, None)]
     figures = json.loads(out.read_text())
