@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from retbench.errors import RetbenchError
+from retbench.weights import hub_online
 
 Pooling = Literal["mean", "cls"]
 POOLINGS = ("mean", "cls")
@@ -138,9 +139,10 @@ def load_text_tower(spec: str, device: str | torch.device = "cpu", *, pooling: P
     from transformers import AutoModel, AutoTokenizer
 
     source = _source(spec)
+    local_only = not Path(source).is_dir() and not hub_online()  # no network: the hub cache only, no retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = _encoder_only(AutoModel.from_pretrained(source))
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        encoder = _encoder_only(AutoModel.from_pretrained(source, local_files_only=local_only))
     except (OSError, ValueError) as exc:  # not cached / not a folder / not a valid hub id
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RetbenchError(f"text tower '{spec}' is not available offline ({first}); download it or pass a local "

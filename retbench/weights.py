@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,13 +93,42 @@ def cached_files_only() -> Iterator[None]:
         _CACHED_ONLY = before
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+REACH_TIMEOUT_S = 3.0
+
+
+def hub_online() -> bool:
+    """Whether a hub lookup may go to the network: not when ``HF_HUB_OFFLINE`` is set or inside
+    :func:`cached_files_only`, nor when no TCP connection to the hub (``HF_ENDPOINT``, default huggingface.co)
+    opens within 3 s — asked once per process. Without this, each missing file on a machine with no network
+    (an air-gapped cluster node) cost ~26 s of huggingface_hub's retries and ten lines of their messages.
+    Behind a proxy (``HTTPS_PROXY`` and the like) the direct connection says nothing, so the hub client decides."""
+    if _CACHED_ONLY or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return True
+    return _reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.cache
+def _reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host and port opens within :data:`REACH_TIMEOUT_S`."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=REACH_TIMEOUT_S):
+            return True
+    except OSError:  # no route, no name resolution, refused, timed out
+        return False
+
+
 def _hub_file(hub_id: str, filename: str) -> Path | None:
-    """``filename`` of hub repo ``hub_id`` from the Hugging Face cache, downloading only when online."""
+    """``filename`` of hub repo ``hub_id`` from the Hugging Face cache, downloading only when :func:`hub_online`."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - transformers depends on it
         return None
-    offline = _CACHED_ONLY or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = not hub_online()
     cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at import
     for local_only in (True,) if offline else (True, False):
         try:

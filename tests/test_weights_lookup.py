@@ -148,3 +148,47 @@ def test_results_of_other_weights_get_their_own_name(tmp_path):
     path = tmp_path / "tiny_v2.pth"
     torch.save(net.net.state_dict(), path)
     assert load_model("tinyclip", weights=str(path)).name == run_name("tinyclip", str(path)) == "tinyclip.test@tiny_v2"
+
+
+@pytest.mark.parametrize("network", ["closed port", "listening", "proxy"])
+def test_hub_downloads_are_tried_only_when_the_hub_answers(tmp_path, monkeypatch, network):
+    """Without a network, huggingface_hub retried each missing file for ~26 s; now one 3-second connection attempt
+    per process decides, and a proxy (which a direct connection cannot test) leaves it to the hub client."""
+    import socket
+
+    import huggingface_hub
+
+    from retbench import weights
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if network != "closed port":
+        server.listen()
+    else:
+        server.close()  # nothing listens: the connection is refused at once
+    for name in ("HF_HUB_OFFLINE", "RETBENCH_WEIGHTS", *weights.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    if network == "proxy":
+        server.close()
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    weights._reachable.cache_clear()
+    asked: list[bool] = []
+
+    def download(hub_id: str, filename: str, local_files_only: bool, cache_dir: str | None) -> str:
+        asked.append(local_files_only)
+        raise OSError("not here")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    try:
+        with pytest.raises(WeightsMissingError):
+            resolve_file("m", "model.safetensors", hub_id="someone/model")
+        assert asked == ([True] if network == "closed port" else [True, False])
+        assert weights.hub_online() is (network != "closed port")
+        with weights.cached_files_only():
+            assert not weights.hub_online()
+    finally:
+        server.close()
+        weights._reachable.cache_clear()
