@@ -128,9 +128,10 @@ def _hub_file(hub_id: str, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - transformers depends on it
         return None
-    offline = not hub_online()
     cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at import
-    for local_only in (True,) if offline else (True, False):
+    for local_only in (True, False):  # the cache first; the network only for what it lacks, and only if it answers
+        if not local_only and not hub_online():
+            break
         try:
             return Path(hf_hub_download(hub_id, filename, local_files_only=local_only, cache_dir=cache_dir))
         except Exception:  # noqa: BLE001 - not cached, gated, offline: all mean "not available here"
