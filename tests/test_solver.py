@@ -320,3 +320,28 @@ def test_shared_designs_leave_every_answer_unchanged(standardize: bool) -> None:
         assert torch.equal(fresh.weight, shared.weight) and torch.equal(fresh.bias, shared.bias)
         assert bool(fresh.converged.all())
     assert designs.hits == 1  # C = 10 reused C = 0.1's rows; the other row set and the return to the first rebuilt
+
+
+def test_single_precision_solves_reach_the_double_precision_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU solves in the CPU's precisions (float64 objective and gradient, float32 Hessian products); only MPS,
+    which has no float64, runs float32 throughout. That path, forced here on the CPU, still converges (binary and
+    multinomial, weak and strong regularisation) to probabilities within 5e-4 of the double-precision solve."""
+    import retbench.protocols.base as base_module
+    import retbench.solver as solver_module
+    from retbench.solver import solver_dtype
+
+    assert solver_dtype(CPU) == solver_dtype(torch.device("cuda")) == torch.float64
+    assert solver_dtype(torch.device("mps")) == torch.float32
+    for n_classes in (2, 3):
+        x, y, fit, test = problem(n_classes)
+        probes = [Probe(fit[s::2], C, test) for s in (0, 1) for C in (0.01, 1.0, 100.0)]
+        double = solve_probes(x, y, n_classes, probes, CPU, True, True, solver="torch")
+        for module in (solver_module, base_module):
+            monkeypatch.setattr(module, "solver_dtype", lambda device: torch.float32)
+        stats: dict = {}
+        single = solve_probes(x, y, n_classes, probes, CPU, True, True, stats, solver="torch")
+        monkeypatch.undo()
+        assert stats["not_converged"] == 0
+        for a, b in zip(double, single, strict=True):
+            assert b.dtype == np.float32 and a.dtype == np.float64
+            np.testing.assert_allclose(a, b, rtol=0, atol=5e-4)  # 6e-5 apart at most when written

@@ -25,7 +25,7 @@ from retbench.metrics import compute_metrics
 from retbench.progress import progress_bar
 from retbench.registry import Contract
 from retbench.resampling import Interval, RunPredictions
-from retbench.solver import Designs, balanced_weights, fit_logistic, product_orientation
+from retbench.solver import Designs, balanced_weights, fit_logistic, product_orientation, solver_dtype
 from retbench.timing import timed
 
 if TYPE_CHECKING:
@@ -255,8 +255,8 @@ def choose_solver(device: torch.device, n_problems: int, n_rows: int, n_features
     (as before this change; lbfgs to tol 1e-6 reached 0.0032). Where scikit-learn led, it led by
     seconds, within the run-to-run spread of the shared 2-core machine it was measured on (load
     4-8), and switching would move stored results by up to 0.005; so ``auto`` keeps the batched
-    torch solver on CPU as on a GPU (where it batches over every problem in float32; not measured
-    here). ``sklearn-lbfgs`` stays selectable.
+    torch solver on CPU as on a GPU (the same algorithm and precisions there, :func:`retbench.solver.solver_dtype`;
+    not measured here). ``sklearn-lbfgs`` stays selectable.
     """
     return "torch"
 
@@ -424,7 +424,7 @@ def _warm_start(keys: list[bytes], solved: dict[bytes, tuple[torch.Tensor, torch
 
 def _fit_batch(xt: torch.Tensor, yt: torch.Tensor, n_classes: int, probes: list[Probe], balanced: bool,
                standardize: bool, init: Any, designs: Designs | None = None) -> Any:
-    dtype = torch.float64 if xt.device.type == "cpu" else torch.float32
+    dtype = solver_dtype(xt.device)
     mask = torch.zeros(len(probes), len(xt), device=xt.device, dtype=dtype)
     for b, p in enumerate(probes):
         mask[b, torch.as_tensor(p.fit, device=xt.device)] = 1.0
