@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -440,6 +441,10 @@ def test_bundled_retrieval_on_the_leaderboard(bundled_store: Path, capsys: pytes
     write_leaderboards(results, boards, figures=False)
     zero = (boards / "retrieval.zero_shot.md").read_text()
     assert "`tinyclip.test`" in zero and "`classical.default`" in zero and "recall_at_5" in zero
+    # the stored intervals' replication units, per task, where the numbers are shown (not only in the result files)
+    assert re.search(r"percentile bootstrap over test units \(csdi_retrieval: \d+ test (patient|pair)s, "
+                     r"mx_dme_cfp_oct_retrieval: \d+ test (patient|pair)s\), each replicate scoring the drawn units' "
+                     r"queries against the fixed gallery\.", zero), zero
     assert "mx_dme_cfp_oct_retrieval" in (boards / "retrieval.linear_map.md").read_text()
     assert set(load_store(results)) == {"retrieval.zero_shot", "retrieval.linear_map"}
     write_leaderboards(results, boards / "rank", ["retrieval.linear_map"], "cfp_to_oct/mean_rank", figures=False)

@@ -41,6 +41,8 @@ class Cell:
     ci_method: str
     values: dict[tuple[int, int], float] = field(default_factory=dict)
     interval: rs.Interval | None = None
+    stored_method: str = ""
+    """With ``ci_method == "stored"``: how the result made that interval (its ``ci_method``), for the footnote."""
 
 
 @dataclass
@@ -218,9 +220,11 @@ def make_cell(result: dict[str, Any], metric: str, runs: list[dict[str, Any]], r
         if np.isfinite(iv.low) and np.isfinite(iv.high):
             return Cell(model, task, metric, k, iv.estimate, iv.low, iv.high, iv.se, len(preds), "bootstrap", values, iv)
     mean = float(np.mean(finite))
-    stored = result.get("metrics", {}).get(metric, {}).get("ci95")
+    summary = result.get("metrics", {}).get(metric, {})
+    stored = summary.get("ci95")
     low, high = (stored if stored else (None, None))
-    return Cell(model, task, metric, k, mean, low, high, None, int(finite.size), "stored" if stored else "none", values)
+    return Cell(model, task, metric, k, mean, low, high, None, int(finite.size), "stored" if stored else "none", values,
+                stored_method=str(summary.get("ci_method", "")) if stored else "")
 
 
 def _mean_cell(model: str, cells: list[Cell]) -> Cell:

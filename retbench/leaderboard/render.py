@@ -15,6 +15,7 @@ import numpy as np
 from markupsafe import Markup
 from tabulate import tabulate
 
+from retbench import resampling as rs
 from retbench import stats
 from retbench.leaderboard.board import MEAN, UNITS, Board, best_value
 
@@ -161,8 +162,20 @@ def _ci_phrase(board: Board) -> str:
                      f"them ({board.protocol}: {runs}); point and interval come from the same stored predictions")
     if "stored" in methods:
         parts.append("for results without stored class predictions (retrieval, VQA), the interval stored with the "
-                     "result (its `ci_method` says how it was computed)")
+                     f"result, {_stored_phrase(board)}")
     return "; ".join(parts) or "none"
+
+
+def _stored_phrase(board: Board) -> str:
+    """What the stored intervals resampled, per task, from the results' ``ci_method`` (:func:`resampling.ci_over`)."""
+    by_task: dict[str, set[str]] = {}
+    for (_, task), cell in sorted(board.cells.items()):
+        if cell.ci_method == "stored":
+            by_task.setdefault(task, set()).add(rs.ci_over(cell.stored_method) if cell.stored_method else "not recorded")
+    units = ", ".join(f"{task}: {' / '.join(sorted(phrases))}" for task, phrases in sorted(by_task.items()))
+    gallery = (", each replicate scoring the drawn units' queries against the fixed gallery"
+               if board.protocol.startswith("retrieval") else "")
+    return f"a percentile bootstrap over test units ({units}){gallery}"
 
 
 def footnotes(board: Board) -> list[str]:
