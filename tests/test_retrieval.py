@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -446,6 +447,15 @@ def test_bundled_retrieval_on_the_leaderboard(bundled_store: Path, capsys: pytes
                      r"mx_dme_cfp_oct_retrieval: \d+ test (patient|pair)s\), each replicate scoring the drawn units' "
                      r"queries against the fixed gallery\.", zero), zero
     assert "mx_dme_cfp_oct_retrieval" in (boards / "retrieval.linear_map.md").read_text()
+    other = bundled_store / "other-method"  # a stored interval phrased otherwise is quoted whole, never dropped
+    shutil.copytree(results, other / "results")
+    path = other / "results" / "csdi_retrieval" / "retrieval.zero_shot" / "tinyclip.test.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["recall_at_5"]["ci_method"] = "BCa bootstrap over 94 queries"
+    path.write_text(json.dumps(data))
+    write_leaderboards(other / "results", other / "boards", ["retrieval.zero_shot"], figures=False)
+    assert ("as its `ci_method` records it (csdi_retrieval: BCa bootstrap over 94 queries, mx_dme_cfp_oct_retrieval: "
+            "percentile bootstrap over") in (other / "boards" / "retrieval.zero_shot.md").read_text()
     assert set(load_store(results)) == {"retrieval.zero_shot", "retrieval.linear_map"}
     write_leaderboards(results, boards / "rank", ["retrieval.linear_map"], "cfp_to_oct/mean_rank", figures=False)
     assert "lower is better" in (boards / "rank" / "retrieval.linear_map.md").read_text()

@@ -168,10 +168,12 @@ def _ci_phrase(board: Board) -> str:
 
 def _stored_phrase(board: Board) -> str:
     """What the stored intervals resampled, per task, from the results' ``ci_method`` (:func:`resampling.ci_over`)."""
+    methods = {(task, cell.stored_method) for (_, task), cell in board.cells.items() if cell.ci_method == "stored"}
+    if not all(rs.ci_over(method) != method for _, method in methods):  # not all read back: say them whole
+        return "as its `ci_method` records it (" + ", ".join(f"{t}: {m or 'not recorded'}" for t, m in sorted(methods)) + ")"
     by_task: dict[str, set[str]] = {}
-    for (_, task), cell in sorted(board.cells.items()):
-        if cell.ci_method == "stored":
-            by_task.setdefault(task, set()).add(rs.ci_over(cell.stored_method) if cell.stored_method else "not recorded")
+    for task, method in methods:
+        by_task.setdefault(task, set()).add(rs.ci_over(method))
     units = ", ".join(f"{task}: {' / '.join(sorted(phrases))}" for task, phrases in sorted(by_task.items()))
     gallery = (", each replicate scoring the drawn units' queries against the fixed gallery"
                if board.protocol.startswith("retrieval") else "")
