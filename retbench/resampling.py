@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from retbench.metrics import Metric
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: importing this module (ci_over for `retbench results`) stays free of sklearn
     from retbench.data.examples import Examples
+    from retbench.metrics import Metric
     from retbench.spec import TaskSpec
 
 RESAMPLES = 1000
